@@ -1,0 +1,1 @@
+"""Methods, networks, losses, synthetic anomalies and metrics: single-device PyTorch, no I/O."""

@@ -1,0 +1,1 @@
+"""Store layout, ingest of slides and volumes, tissue detection, stain normalisation, streams, sample data."""

@@ -1,0 +1,90 @@
+"""Config of the data plane: where the store is, how slides are ingested and how tiles are streamed.
+
+Coordinates are level-0 pixels ``(y, x)`` everywhere (see ``data_plane/store.py``).
+"""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from core.config import StrictConfig
+
+
+class TissueConfig(StrictConfig):
+    """Otsu tissue detection on a low-resolution level, with morphological clean-up."""
+
+    mask_downsample: int = Field(32, ge=1)            # mask pixel = this many level-0 pixels per side
+    channel: Literal["saturation", "gray"] = "saturation"  # image channel thresholded by Otsu
+    min_saturation: float = Field(0.05, ge=0, le=1)   # floor under Otsu's threshold (saturation only): keeps pale blank slides empty
+    closing_radius: int = Field(2, ge=0)              # disk radius (mask px) closing small gaps in tissue
+    opening_radius: int = Field(1, ge=0)              # disk radius (mask px) removing specks of dust
+    min_object_px: int = Field(16, ge=0)              # connected components smaller than this (mask px) are dropped
+    fill_holes: bool = True                           # fill holes (e.g. lumens, fat) inside tissue
+
+
+class TileGridConfig(StrictConfig):
+    """The grid of candidate tiles written to ``tiles.parquet``."""
+
+    size: int = Field(256, ge=16)                     # tile edge in pixels at the target resolution
+    magnification: float | None = Field(20.0, gt=0)   # target objective power (e.g. 20 = 20x); None = level 0
+    mpp: float | None = Field(None, gt=0)             # target microns per pixel; wins over `magnification` when set
+    stride: int | None = Field(None, ge=1)            # grid step in target pixels; None = `size` (no overlap)
+    min_tissue_fraction: float = Field(0.05, ge=0, le=1)  # tiles with less tissue are not indexed at all
+
+
+class StainConfig(StrictConfig):
+    """Stain normalisation (torchstain), fitted to a reference H&E image."""
+
+    method: Literal["none", "macenko", "reinhard"] = "none"
+    reference: str | None = None                      # reference RGB image; None = sample-data target_image.png
+    apply: Literal["stream", "ingest"] = "stream"     # normalise tiles when streamed (batched) or once at ingest
+
+
+class AnnotationConfig(StrictConfig):
+    """Rasterisation of ASAP XML / GeoJSON annotations into masks stored beside the slide."""
+
+    downsample: int = Field(4, ge=1)                  # mask pixel = this many level-0 pixels per side
+    anomalous_fraction: float = Field(0.5, ge=0, le=1)  # a tile is labelled anomalous when its mask covers this much
+
+
+class IngestConfig(StrictConfig):
+    """How slides are written into the store."""
+
+    chunk: int = Field(256, ge=64)                    # pyramid chunk edge in pixels (one tile per chunk)
+    max_levels: int = Field(8, ge=1)                  # pyramid levels kept (smallest level stops at one chunk)
+    compression_level: int = Field(5, ge=0, le=9)     # zstd level of the Blosc codec
+    threads: int = Field(2, ge=1)                     # threads decoding/encoding chunks within one slide
+    workers: int = Field(1, ge=1)                     # slides ingested in parallel (Ray tasks when > 1)
+    ray_address: str | None = None                   # join this Ray cluster; None = a local runtime when workers > 1
+
+
+class StreamConfig(StrictConfig):
+    """Which tiles a stream yields and how each is prepared."""
+
+    splits: list[str] = ["train"]                     # keep tiles whose slide split is one of these
+    labels: list[str] | None = None                   # keep these tile labels ("normal", "anomalous"); None = all
+    groups: list[str] | None = None                   # keep these groups; None = all
+    min_tissue_fraction: float = Field(0.5, ge=0, le=1)  # drop tiles with less tissue than this
+    max_tiles_per_slide: int | None = Field(None, ge=1)  # cap per slide (chosen by the epoch's shuffle)
+    crop: Literal["none", "random", "center"] = "none"   # crop inside each indexed tile
+    crop_size: int | None = Field(None, ge=8)         # crop edge in pixels; required unless crop is "none"
+    augment: Literal["none", "flips", "histology"] = "none"  # MONAI dictionary-transform preset
+    seed: int = 0                                     # shuffling seed; epoch e uses (seed, e)
+
+    @model_validator(mode="after")
+    def _crop_needs_size(self):
+        if self.crop != "none" and self.crop_size is None:
+            raise ValueError(f"crop={self.crop!r} needs crop_size")
+        return self
+
+
+class DataConfig(StrictConfig):
+    """Where the store lives, and how it is filled and read."""
+
+    store: str = "runs/store.zarr"                    # local path or fsspec URL of the Zarr store
+    tissue: TissueConfig = TissueConfig()
+    tiles: TileGridConfig = TileGridConfig()
+    stain: StainConfig = StainConfig()
+    annotations: AnnotationConfig = AnnotationConfig()
+    ingest: IngestConfig = IngestConfig()
+    stream: StreamConfig = StreamConfig()

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from tessera.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_only_working_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("config", "doctor", "sample-data", "demo"):
+        assert command in result.output
+
+
+def test_help_does_not_import_heavy_libraries():
+    # `tessera --help` must stay fast: the heavy stack is imported by commands, never at import time.
+    code = ("import sys; from typer.testing import CliRunner; from tessera.cli import app; "
+            "CliRunner().invoke(app, ['--help']); "
+            "print(sorted(m for m in ('torch', 'monai', 'deepspeed', 'ray', 'zarr', 'openslide') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_config_show_prints_resolved_yaml(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: shown\n")
+    result = runner.invoke(app, ["config", "show", str(recipe), "--set", "data.tiles.size=512"])
+    assert result.exit_code == 0, result.output
+    assert "name: shown" in result.output
+    assert "size: 512" in result.output
+    assert "min_tissue_fraction" in result.output  # defaults are spelled out
+
+
+def test_config_show_reports_errors_with_exit_code_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  tiles:\n    sise: 3\n")
+    result = runner.invoke(app, ["config", "show", str(recipe)])
+    assert result.exit_code == 2
+    assert "did you mean 'data.tiles.size'" in result.output
+
+
+def test_doctor_reports_the_stack():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    for name in ("torch", "deepspeed", "ray", "monai", "openslide", "zarr", "gloo"):
+        assert name in result.output
+
+
+def test_sample_data_prints_paths(sample_data):
+    result = runner.invoke(app, ["sample-data", "--dest", str(sample_data.slide.parent)])
+    assert result.exit_code == 0, result.output
+    assert str(sample_data.slide) in result.output
+    assert str(sample_data.mni152_t1) in result.output
+
+
+def test_demo_writes_a_run_directory(tmp_path, sample_data):
+    result = runner.invoke(app, ["demo", "--set", f"runs_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    (run,) = tmp_path.glob("demo-*")
+    for name in ("config.yaml", "command.txt", "git.txt", "log.txt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert "aperio" in (run / "log.txt").read_text()

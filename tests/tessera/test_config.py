@@ -1,0 +1,84 @@
+import pytest
+
+from tessera.config import ConfigError, RunConfig, load_config, valid_keys
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_file_and_override_compose(tmp_path):
+    path = write(tmp_path, "name: x\ndata:\n  tiles:\n    size: 512\n")
+    config = load_config(path, ["data.tiles.magnification=40", "data.stream.splits=[train, val]"])
+    assert config.name == "x"
+    assert config.data.tiles.size == 512
+    assert config.data.tiles.magnification == 40.0
+    assert config.data.stream.splits == ["train", "val"]
+    assert config.data.tissue == RunConfig().data.tissue  # untouched sections keep their defaults
+
+
+def test_unknown_key_names_file_and_nearest_key(tmp_path):
+    path = write(tmp_path, "data:\n  tiles:\n    sise: 512\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "unknown key 'data.tiles.sise'" in message
+    assert "did you mean 'data.tiles.size'" in message
+
+
+def test_unknown_section_suggests_the_real_one(tmp_path):
+    path = write(tmp_path, "data:\n  tile:\n    size: 512\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.tile'.*did you mean 'data.tiles'"):
+        load_config(path)
+
+
+def test_bad_type_in_file_names_key_and_value(tmp_path):
+    path = write(tmp_path, "data:\n  tiles:\n    size: big\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}: data.tiles.size:" in message and "'big'" in message and "integer" in message
+
+
+def test_bad_override_names_the_flag(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.tiles.size=abc"])
+    assert "--set data.tiles.size=abc: data.tiles.size:" in str(err.value)
+    with pytest.raises(ConfigError, match=r"--set data.tiles.siz=3: unknown key.*did you mean 'data.tiles.size'"):
+        load_config(path, ["data.tiles.siz=3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["data.tiles.size"])
+    with pytest.raises(ConfigError, match="'name' is a value"):
+        load_config(path, ["name.first=3"])
+
+
+def test_constraints_and_cross_field_rules_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="data.tiles.min_tissue_fraction"):
+        load_config(None, ["data.tiles.min_tissue_fraction=1.5"])
+    with pytest.raises(ConfigError, match="crop='random' needs crop_size"):
+        load_config(None, ["data.stream.crop=random"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_every_listed_key_resolves():
+    config = RunConfig()
+    for key in valid_keys():
+        node = config
+        for part in key.split("."):
+            node = getattr(node, part)
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    config = load_config(None, ["data.tiles.size=384", "seed=7"])
+    again = load_config(write(tmp_path, config.to_yaml()))
+    assert again == config

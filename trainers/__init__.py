@@ -1,0 +1,1 @@
+"""The DeepSpeed training loop, rank/launch helpers, checkpointing, metric logging, evaluation runner."""

@@ -1,0 +1,94 @@
+"""Run directories: everything needed to reproduce a run, and its plain-text record.
+
+``runs/<name>-<timestamp>/`` holds
+
+- ``config.yaml``   the fully resolved config (every default spelled out),
+- ``command.txt``   the exact command line,
+- ``git.txt``       the code version (commit, dirty flag, tessera version),
+- ``log.txt``       the human-readable log,
+- ``metrics.jsonl`` one JSON object per line, appended as the run goes.
+
+A run is rerun from its directory alone: ``tessera <cmd> runs/<dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from core.config import StrictConfig
+
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> str:
+    """Commit and dirty flag of the checkout tessera runs from (or a note that it is not one)."""
+    from tessera import __version__
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(CODE_ROOT), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return f"commit: {commit}\ndirty: {str(dirty).lower()}\ntessera: {__version__}\n"
+    except (OSError, subprocess.SubprocessError):
+        return f"commit: unknown (not a git checkout: {CODE_ROOT})\ndirty: unknown\ntessera: {__version__}\n"
+
+
+class RunDir:
+    """An open run directory: a logger writing ``log.txt`` and a ``metrics.jsonl`` appender."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.logger = logging.getLogger(f"tessera.run.{path.name}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        if not self.logger.handlers:
+            handler = logging.FileHandler(path / "log.txt", encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            self.logger.addHandler(handler)
+
+    def log(self, message: str) -> None:
+        self.logger.info(message)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        """Append one record (a tick, an evaluation) to ``metrics.jsonl`` with a wall-clock stamp."""
+        line = json.dumps({"time": round(time.time(), 3), **record})
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def close(self) -> None:
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)
+
+
+def create_run_dir(config: StrictConfig, name: str, root: str | Path = "runs",
+                   command: list[str] | None = None) -> RunDir:
+    """Make ``<root>/<name>-<timestamp>/`` and write what reproduces the run into it."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}-{stamp}"
+    suffix = 1
+    while True:  # two runs started within one second get distinct directories
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            path = root / f"{name}-{stamp}-{suffix}"
+            suffix += 1
+    (path / "config.yaml").write_text(config.to_yaml())
+    (path / "command.txt").write_text(shlex.join(command if command is not None else sys.argv) + "\n")
+    (path / "git.txt").write_text(code_version())
+    (path / "metrics.jsonl").touch()
+    return RunDir(path)

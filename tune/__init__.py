@@ -1,0 +1,1 @@
+"""Ray Tune search: spaces, the weakly-supervised objective, k-fold CV, results."""
