@@ -76,6 +76,43 @@ def sample_data(dest: Optional[Path] = typer.Option(
 
 
 @app.command()
+def ingest(sources: list[str] = typer.Argument(None, help="Slide files, folders or globs ('slides/*.svs').",
+                                              show_default=False),
+           store: Optional[str] = typer.Option(None, help="Zarr store to fill; default data.store of the config."),
+           manifest: Optional[Path] = typer.Option(None, help="CSV with columns path,label,split,annotation,group."),
+           workers: Optional[int] = typer.Option(None, help="Slides in parallel (Ray tasks when > 1)."),
+           ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of a local runtime."),
+           label: str = typer.Option("normal", help="Label of slides given as paths: normal or anomalous."),
+           split: str = typer.Option("train", help="Split of slides given as paths: train, val or test."),
+           group: str = typer.Option("", help="Group of slides given as paths."),
+           config: Optional[Path] = typer.Option(None, help="YAML recipe whose data section is used."),
+           overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Ingest slides into a Zarr store: pyramid, tissue mask, annotations, tile index. Resumable."""
+    from rich.console import Console
+
+    from data_plane.ingest import IngestError, SourceError, ingest as run_ingest, resolve_sources
+
+    resolved = _load(config, overrides)
+    if not sources and manifest is None:
+        _fail("nothing to ingest: give slide paths/globs or --manifest CSV")
+    if label not in ("normal", "anomalous") or split not in ("train", "val", "test"):
+        _fail(f"--label must be normal|anomalous and --split train|val|test (got {label!r}, {split!r})")
+    try:
+        items = resolve_sources(sources or [], manifest, label=label, split=split, group=group)
+        report = run_ingest(items, store or resolved.data.store, resolved.data, workers=workers,
+                            ray_address=ray_address)
+    except (SourceError, IngestError) as exc:
+        _fail(str(exc))
+    console = Console()
+    console.print(f"ingested {len(report.done)}, already present {len(report.skipped)}, "
+                  f"failed {len(report.failed)}; tile index holds {report.tiles} tiles "
+                  f"({store or resolved.data.store}/tiles.parquet)")
+    if report.failed:
+        lines = "\n".join(f"  {slide}: {reason}" for slide, reason in report.failed.items())
+        _fail(f"{len(report.failed)} slide(s) failed (recorded in manifest.json; rerun to retry):\n{lines}", code=1)
+
+
+@app.command()
 def demo(config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml",
                                      help="Demo recipe."),
          overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:

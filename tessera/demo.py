@@ -1,6 +1,7 @@
 """`tessera demo`: the whole pipeline on the real sample data, one stage after another.
 
-Stages so far: fetch the sample data and report what it is. Each stage logs to the demo's run
+Stages so far: fetch the sample data and report what it is; ingest the sample slide into a store
+(pyramid, tissue mask, tile index) and draw its tissue mask. Each stage logs to the demo's run
 directory, so a failed demo leaves a record of how far it got.
 """
 
@@ -51,6 +52,20 @@ def run_demo(config, console: Console | None = None) -> Path:
     console.print(f"  opened: {slide_text}\n  opened: {volume_text}")
     run.log(f"slide: {slide_text}; volume: {volume_text}")
     run.metrics({"stage": "sample_data", "ok": True})
+
+    console.rule("2. ingest the sample slide")
+    from data_plane.heatmap import render_overlay
+    from data_plane.ingest import ingest, resolve_sources
+
+    report = ingest(resolve_sources([str(data.slide)]), config.data.store, config.data)
+    if report.failed:
+        raise RuntimeError(f"ingest failed: {report.failed}")
+    overlay = render_overlay(config.data.store, "cmu_small_region", run.path / "tissue_mask.png")
+    console.print(f"  store {config.data.store}: {report.tiles} tiles of {config.data.tiles.size} px at "
+                  f"{config.data.tiles.magnification}x ({'reused' if report.skipped else 'ingested'}); "
+                  f"tissue mask overlay: {overlay}", soft_wrap=True)
+    run.log(f"ingest: {report.as_dict()}")
+    run.metrics({"stage": "ingest", "tiles": report.tiles})
 
     run.log("demo finished")
     run.close()

@@ -1,0 +1,511 @@
+"""Ingest: whole-slide images into the store, atomic per slide, resumable, parallel across slides.
+
+One slide goes through :func:`ingest_slide` (tissue mask → annotations → pyramid → tile index),
+built under ``.partial/<slide_id>`` and renamed into ``slides/`` only when complete. The driver,
+:func:`ingest`, decides what to (re)do from ``manifest.json``, runs slides in-process or as Ray
+tasks, records each outcome (done, or failed with its reason) and rebuilds ``tiles.parquet``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from data_plane.config import DataConfig
+from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, ome_multiscales, \
+    rebuild_tile_index
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+MANIFEST_COLUMNS = ("path", "slide_id", "label", "split", "annotation", "group")
+LABELS = ("normal", "anomalous")
+SPLITS = ("train", "val", "test")
+
+
+class IngestError(RuntimeError):
+    """A slide that cannot be ingested; the message says why and is recorded in manifest.json."""
+
+
+class SourceError(ValueError):
+    """The list of sources itself is wrong (bad manifest CSV): nothing is ingested."""
+
+
+@dataclass
+class SlideSource:
+    path: Path
+    slide_id: str
+    label: str = "normal"
+    split: str = "train"
+    annotation: Path | None = None
+    group: str = ""
+
+
+def slide_id_of(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", *SLIDE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def read_manifest_csv(path: Path) -> list[SlideSource]:
+    """Rows ``path,label,split,annotation,group`` (``slide_id`` optional); paths relative to the CSV."""
+    if not path.is_file():
+        raise SourceError(f"manifest CSV '{path}' does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        unknown = sorted(set(columns) - set(MANIFEST_COLUMNS))
+        if "path" not in columns or unknown:
+            raise SourceError(f"manifest CSV '{path}': columns must be among {', '.join(MANIFEST_COLUMNS)} "
+                              f"with 'path' required; got {', '.join(columns) or 'none'}")
+        sources = []
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items()}
+            label, split = row.get("label") or "normal", row.get("split") or "train"
+            if label not in LABELS or split not in SPLITS:
+                raise SourceError(f"manifest CSV '{path}' line {line}: label must be one of {LABELS} and split "
+                                  f"one of {SPLITS}; got label={label!r}, split={split!r}")
+            slide = (path.parent / row["path"]).resolve() if row["path"] else None
+            if slide is None:
+                raise SourceError(f"manifest CSV '{path}' line {line}: empty path")
+            annotation = (path.parent / row["annotation"]).resolve() if row.get("annotation") else None
+            sources.append(SlideSource(slide, row.get("slide_id") or slide_id_of(slide), label, split,
+                                       annotation, row.get("group", "")))
+    return sources
+
+
+def resolve_sources(paths: list[str], manifest_csv: Path | None = None, label: str = "normal",
+                    split: str = "train", group: str = "") -> list[SlideSource]:
+    """Paths, globs and folders (their slide files), plus the rows of a manifest CSV."""
+    sources = read_manifest_csv(Path(manifest_csv)) if manifest_csv else []
+    for text in paths:
+        if Path(text).is_dir():
+            matches = sorted(str(p) for p in Path(text).iterdir() if p.name.lower().endswith(SLIDE_SUFFIXES))
+        else:
+            matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        # A missing path stays in the list: it fails with its reason while the others are ingested.
+        sources += [SlideSource(Path(m).resolve(), slide_id_of(Path(m)), label, split, None, group)
+                    for m in matches]
+    return sources
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def config_digest(config: DataConfig) -> str:
+    """What decides a slide's content in the store; a change means re-ingesting."""
+    relevant = {k: config.model_dump(mode="json")[k] for k in ("tissue", "tiles", "annotations", "stain")}
+    relevant["chunk"] = config.ingest.chunk
+    relevant["max_levels"] = config.ingest.max_levels
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- one slide
+
+def _open_slide(path: Path):
+    import openslide
+
+    if not path.exists():
+        raise IngestError(f"file '{path}' does not exist")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise IngestError(f"'{path.name}' is not a slide format OpenSlide can read ({exc})") from exc
+    except openslide.OpenSlideError as exc:
+        raise IngestError(f"'{path.name}' is not readable by OpenSlide (truncated or corrupt file?): {exc}") from exc
+
+
+def target_downsample(config: DataConfig, mpp0: float | None, power0: float | None, name: str) -> float:
+    """Level-0 pixels per tile pixel for the configured magnification / mpp."""
+    tiles = config.tiles
+    if tiles.mpp is not None:
+        if mpp0 is None:
+            raise IngestError(f"'{name}' records no microns-per-pixel; set data.tiles.mpp: null and use "
+                              f"data.tiles.magnification, or tile level 0 with both null")
+        factor, wanted = tiles.mpp / mpp0, f"{tiles.mpp} um/px"
+    elif tiles.magnification is not None:
+        if power0 is not None:
+            factor = power0 / tiles.magnification
+        elif mpp0 is not None:
+            factor = (10.0 / tiles.magnification) / mpp0  # 10x objective ~ 1 um/px
+        else:
+            raise IngestError(f"'{name}' records neither objective power nor microns-per-pixel, so "
+                              f"{tiles.magnification}x cannot be located; set data.tiles.magnification: null "
+                              f"to tile level 0")
+        wanted = f"{tiles.magnification}x"
+    else:
+        return 1.0
+    if factor < 0.99:
+        raise IngestError(f"'{name}' was scanned at {power0 or '?'}x / {mpp0 or '?'} um/px, coarser than the "
+                          f"requested {wanted}: tiles would be upsampled. Lower data.tiles.magnification.")
+    return factor
+
+
+def _write_level0(slide, array, chunk_grid: np.ndarray, chunk: int, threads: int, stain,
+                  progress: Callable[[int], None]) -> None:
+    from data_plane.tissue import composite_on_white
+
+    height, width = array.shape[:2]
+
+    def copy(cy_cx):
+        cy, cx = cy_cx
+        y, x = cy * chunk, cx * chunk
+        h, w = min(chunk, height - y), min(chunk, width - x)
+        try:
+            region = slide.read_region((x, y), 0, (w, h))
+        except Exception as exc:
+            raise IngestError(f"reading level-0 region (y={y}, x={x}) failed (truncated or corrupt file?): "
+                              f"{exc}") from exc
+        pixels = np.asarray(composite_on_white(region))
+        if stain is not None:
+            pixels = stain.normalize_uint8(pixels)
+        array[y:y + h, x:x + w] = pixels
+
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(copy, zip(*np.nonzero(chunk_grid))):
+            progress(1)
+
+
+def _write_reduced(parent, array, parent_grid: np.ndarray, chunk: int, threads: int,
+                   progress: Callable[[int], None]) -> np.ndarray:
+    """Level l from level l-1 by 2x2 mean; a chunk is written when any of its 4 parents was."""
+    from data_plane.store import LevelReader
+
+    reader = LevelReader(parent)
+    height, width = array.shape[:2]
+    grid_h, grid_w = math.ceil(height / chunk), math.ceil(width / chunk)
+    padded = np.zeros((grid_h * 2, grid_w * 2), bool)
+    padded[: parent_grid.shape[0], : parent_grid.shape[1]] = parent_grid
+    grid = padded.reshape(grid_h, 2, grid_w, 2).any(axis=(1, 3))
+
+    def reduce(cy_cx):
+        cy, cx = cy_cx
+        block = reader.read(cy * chunk * 2, cx * chunk * 2, chunk * 2, chunk * 2).astype(np.uint16)
+        small = ((block.reshape(chunk, 2, chunk, 2, 3).sum(axis=(1, 3)) + 2) // 4).astype(np.uint8)
+        y, x = cy * chunk, cx * chunk
+        array[y:y + min(chunk, height - y), x:x + min(chunk, width - x)] = \
+            small[: min(chunk, height - y), : min(chunk, width - x)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(reduce, zip(*np.nonzero(grid))):
+            progress(1)
+    return grid
+
+
+def _tile_rows(source: SlideSource, shape0: tuple[int, int], levels: int, factor: float, config: DataConfig,
+               tissue: np.ndarray, tissue_ds: int, anomaly: np.ndarray | None, anomaly_ds: int):
+    import pyarrow as pa
+
+    from data_plane.tissue import box_fractions
+
+    tiles = config.tiles
+    level = int(min(max(math.floor(math.log2(factor) + 1e-6), 0), levels - 1))
+    size0 = tiles.size * factor
+    stride0 = (tiles.stride or tiles.size) * factor
+    ys = np.arange(0, shape0[0] - size0 + 1, stride0)
+    xs = np.arange(0, shape0[1] - size0 + 1, stride0)
+    yy, xx = [a.ravel() for a in np.meshgrid(ys, xs, indexing="ij")]
+    fraction = box_fractions(tissue, tissue_ds, yy, xx, size0)
+    keep = fraction >= tiles.min_tissue_fraction
+    yy, xx, fraction = yy[keep], xx[keep], fraction[keep]
+    if anomaly is not None:
+        covered = box_fractions(anomaly, anomaly_ds, yy, xx, size0)
+        label = np.where(covered >= config.annotations.anomalous_fraction, "anomalous",
+                         np.where(covered > 0, "uncertain", "normal"))
+    else:
+        covered = np.full(len(yy), np.nan)
+        label = np.full(len(yy), source.label)
+    n = len(yy)
+    return pa.table({
+        "slide_id": pa.array([source.slide_id] * n, pa.string()),
+        "level": pa.array(np.full(n, level), pa.int8()),
+        "y": pa.array(np.round(yy).astype(np.int64)),                   # level-0 pixels
+        "x": pa.array(np.round(xx).astype(np.int64)),                   # level-0 pixels
+        "size": pa.array(np.full(n, round(size0 / 2**level)), pa.int32()),  # pixels read at `level`
+        "out_size": pa.array(np.full(n, tiles.size), pa.int32()),       # pixels after resizing
+        "tissue_fraction": pa.array(fraction.astype(np.float32)),
+        "annotation_fraction": pa.array(covered.astype(np.float32)),
+        "label": pa.array(label.tolist(), pa.string()),
+        "split": pa.array([source.split] * n, pa.string()),
+        "group": pa.array([source.group] * n, pa.string()),
+    })
+
+
+def ingest_slide(source: SlideSource, store: str, config: DataConfig,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Ingest one slide; returns its manifest entry. Raises IngestError with a reason on failure."""
+    import openslide
+    import zarr
+    from scipy import ndimage
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    from data_plane.annotations import rasterise, read_annotations
+    from data_plane.tissue import box_fractions, read_downsampled, tissue_mask
+
+    started = time.time()
+    root = Path(store)
+    progress = progress or (lambda slide_id, done, total: None)
+    slide = _open_slide(source.path)
+    stat = source.path.stat()
+    with ThreadPoolExecutor(1) as hasher:
+        digest = hasher.submit(_sha256, source.path)  # overlaps with the pixel work
+        props = slide.properties
+        mpp0 = float(props[openslide.PROPERTY_NAME_MPP_X]) if openslide.PROPERTY_NAME_MPP_X in props else None
+        power_text = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        power0 = float(power_text) if power_text else None
+        width0, height0 = slide.dimensions
+        factor = target_downsample(config, mpp0, power0, source.path.name)
+
+        tissue_ds = config.tissue.mask_downsample
+        try:
+            low = read_downsampled(slide, tissue_ds)
+        except openslide.OpenSlideError as exc:
+            raise IngestError(f"'{source.path.name}' could not be decoded (truncated or corrupt file?): {exc}") from exc
+        tissue = tissue_mask(low, config.tissue)
+        if not tissue.any():
+            raise IngestError(f"no tissue found in '{source.path.name}' (Otsu on {config.tissue.channel} of a "
+                              f"1/{tissue_ds} image): blank slide, or lower data.tissue.min_saturation")
+
+        annotation_masks, anomaly = {}, None
+        if source.annotation is not None:
+            classes = read_annotations(source.annotation)
+            annotation_masks = rasterise(classes, (height0, width0), config.annotations.downsample,
+                                         source=f"annotation '{source.annotation.name}' of '{source.path.name}'")
+            anomaly = np.logical_or.reduce(list(annotation_masks.values())) if annotation_masks else None
+
+        partial = root / ".partial" / source.slide_id
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(str(partial), mode="w")
+        chunk = config.ingest.chunk
+        compressor = BloscCodec(cname="zstd", clevel=config.ingest.compression_level,
+                                shuffle=BloscShuffle.bitshuffle)
+
+        shapes = [(height0, width0)]
+        while len(shapes) < config.ingest.max_levels and max(shapes[-1]) > chunk:
+            shapes.append((math.ceil(shapes[-1][0] / 2), math.ceil(shapes[-1][1] / 2)))
+        # Chunks to write at level 0: those touching tissue (mask dilated by one pixel for its edges).
+        grown = ndimage.binary_dilation(tissue, iterations=1)
+        cy, cx = np.meshgrid(np.arange(math.ceil(height0 / chunk)), np.arange(math.ceil(width0 / chunk)),
+                             indexing="ij")
+        grid = box_fractions(grown, tissue_ds, cy.ravel() * chunk, cx.ravel() * chunk, chunk).reshape(cy.shape) > 0
+        total = int(grid.sum()) * 2  # reduced levels add about as many chunks again (1/4 + 1/16 + …)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(source.slide_id, min(done, total), total)
+
+        stain = None
+        if config.stain.method != "none" and config.stain.apply == "ingest":
+            from data_plane.stain import StainNormalizer
+
+            stain = StainNormalizer.from_config(config.stain)
+        arrays = []
+        for level, shape in enumerate(shapes):
+            arrays.append(group.create_array(
+                str(level), shape=(*shape, 3), chunks=(chunk, chunk, 3), dtype="uint8", fill_value=BACKGROUND,
+                compressors=compressor, dimension_names=["y", "x", "c"]))
+            if level == 0:
+                _write_level0(slide, arrays[0], grid, chunk, config.ingest.threads, stain, advance)
+            else:
+                grid = _write_reduced(arrays[level - 1], arrays[level], grid, chunk, config.ingest.threads, advance)
+
+        mask_array = group.create_array("tissue", data=tissue.astype(np.uint8), chunks=(1024, 1024),
+                                        compressors=compressor, dimension_names=["y", "x"])
+        mask_array.attrs["downsample"] = tissue_ds
+        for name, mask in annotation_masks.items():
+            array = group.create_array(f"annotations/{name}", data=mask.astype(np.uint8), chunks=(1024, 1024),
+                                       compressors=compressor, dimension_names=["y", "x"])
+            array.attrs.update({"downsample": config.annotations.downsample, "source": str(source.annotation)})
+
+        rows = _tile_rows(source, (height0, width0), len(shapes), factor, config, tissue, tissue_ds,
+                          anomaly, config.annotations.downsample)
+        sha256 = digest.result()
+        group.attrs.update({
+            "ome": ome_multiscales(source.slide_id, len(shapes), mpp0),
+            "tessera": {"source": str(source.path), "sha256": sha256,
+                        "vendor": props.get(openslide.PROPERTY_NAME_VENDOR), "mpp": mpp0,
+                        "objective_power": power0, "label": source.label, "split": source.split,
+                        "group": source.group, "level0_shape": [height0, width0],
+                        "tile_downsample": factor, "annotations": sorted(annotation_masks)},
+        })
+    slide.close()
+
+    final = root / "slides" / source.slide_id
+    if final.exists():  # a changed source file replaces its old version, which is removed after the swap
+        stale = root / ".partial" / f"{source.slide_id}.replaced"
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        partial.rename(final)
+        shutil.rmtree(stale)
+    else:
+        partial.rename(final)
+    # The slide's index rows follow its pixels; until the driver records it done, a rerun redoes it.
+    (root / "index").mkdir(exist_ok=True)
+    atomic_write_parquet(rows, root / "index" / f"{source.slide_id}.parquet")
+    progress(source.slide_id, total, total)
+    return {"status": "done", "source": str(source.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": sha256, "tiles": rows.num_rows, "levels": len(shapes),
+            "seconds": round(time.time() - started, 2), "config": config_digest(config)}
+
+
+def ingest_slide_safely(source: SlideSource, store: str, config: DataConfig, progress=None) -> dict:
+    """:func:`ingest_slide` that never raises: failures come back as entries with a reason."""
+    try:
+        return ingest_slide(source, store, config, progress)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, (IngestError, ValueError)) else \
+            f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+        shutil.rmtree(Path(store) / ".partial" / source.slide_id, ignore_errors=True)
+        return {"status": "failed", "source": str(source.path), "reason": reason}
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+@dataclass
+class IngestReport:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    tiles: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unchanged(entry: dict | None, source: SlideSource, root: Path, digest: str) -> bool:
+    if not entry or entry.get("status") != "done" or entry.get("config") != digest:
+        return False
+    complete = (root / "slides" / source.slide_id / "zarr.json").is_file() and \
+        (root / "index" / f"{source.slide_id}.parquet").is_file()
+    if not complete or not source.path.is_file():
+        return False
+    stat = source.path.stat()
+    if entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    return entry.get("size") == stat.st_size and _sha256(source.path) == entry.get("sha256")
+
+
+class _Lock:
+    """One ingest per store at a time; a lock left by a killed process is taken over."""
+
+    def __init__(self, root: Path):
+        self.path = root / ".ingest.lock"
+
+    def __enter__(self):
+        if self.path.exists():
+            try:
+                pid = int(self.path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                if pid != os.getpid():
+                    raise IngestError(f"store '{self.path.parent}' is being written by process {pid}; "
+                                      f"wait for it or stop it (remove {self.path} if that process is gone)")
+            except (ValueError, ProcessLookupError):
+                pass  # stale lock of a dead process
+        self.path.write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def ingest(sources: list[SlideSource], store: str | Path, config: DataConfig, workers: int | None = None,
+           ray_address: str | None = None, show_progress: bool = True) -> IngestReport:
+    """Ingest every source not already in the store; failures are recorded, the others finish."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    root = init_store(store)
+    workers = workers or config.ingest.workers
+    ray_address = ray_address or config.ingest.ray_address
+    digest = config_digest(config)
+    report = IngestReport()
+    with _Lock(root):
+        shutil.rmtree(root / ".partial", ignore_errors=True)  # leftovers of an interrupted run
+        manifest = Manifest(root)
+        manifest.data["config"] = config.model_dump(mode="json")
+        seen: dict[str, Path] = {}
+        todo: list[SlideSource] = []
+        for source in sources:
+            if source.slide_id in seen:
+                reason = (f"slide id '{source.slide_id}' is already used by '{seen[source.slide_id]}'; "
+                          f"rename one file or give it a slide_id in the manifest CSV")
+                report.failed[f"{source.slide_id} ({source.path})"] = reason
+                continue
+            seen[source.slide_id] = source.path
+            if _unchanged(manifest.items.get(source.slide_id), source, root, digest):
+                report.skipped.append(source.slide_id)
+            else:
+                todo.append(source)
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, disable=not show_progress, transient=False) as bar:
+            overall = bar.add_task(f"ingest -> {root.name}", total=len(todo))
+            per_slide: dict[str, int] = {}
+
+            def slide_progress(slide_id: str, done: int, total: int) -> None:
+                if slide_id not in per_slide:
+                    per_slide[slide_id] = bar.add_task(f"  {slide_id}", total=total)
+                bar.update(per_slide[slide_id], completed=done, total=total)
+
+            def finish(source: SlideSource, entry: dict) -> None:
+                manifest.record(source.slide_id, entry)
+                if entry["status"] == "done":
+                    report.done.append(source.slide_id)
+                else:
+                    report.failed[source.slide_id] = entry["reason"]
+                bar.advance(overall)
+
+            if workers <= 1 or len(todo) <= 1 and ray_address is None:
+                for source in todo:
+                    finish(source, ingest_slide_safely(source, str(root), config, slide_progress))
+            else:
+                _ingest_with_ray(todo, root, config, workers, ray_address, finish)
+
+        report.tiles = rebuild_tile_index(root)
+        manifest.save()
+    return report
+
+
+def _ingest_with_ray(todo: list[SlideSource], root: Path, config: DataConfig, workers: int,
+                     ray_address: str | None, finish) -> None:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                     _temp_dir=os.environ.get("RAY_TMPDIR"))
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(ingest_slide_safely)
+        pending = {task.remote(source, str(root), config): source for source in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            source = pending.pop(ready[0])
+            try:
+                entry = ray.get(ready[0])
+            except Exception as exc:  # the worker process died (e.g. out of memory)
+                entry = {"status": "failed", "source": str(source.path),
+                         "reason": f"worker died while ingesting: {type(exc).__name__}: {exc}"}
+            finish(source, entry)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,252 @@
+"""Streams of tiles from the store, for training (:class:`TileStream`) and inference (:class:`GridStream`).
+
+Sharding: an epoch's order is a permutation of the selected tiles drawn from ``(seed, epoch)``;
+the k-th of the ``world_size × num_workers`` readers takes every (world_size·num_workers)-th tile
+starting at k. So within one epoch every selected tile is read exactly once across all ranks and
+dataloader workers (shares differ by at most one tile).
+
+Each item is a dict: ``image`` (3, H, W) float32 in [0, 1], ``slide_id``, ``level0_yx`` (int64 [2],
+level-0 pixel of the image's top-left corner), ``label`` ("normal" / "anomalous" / "uncertain"),
+``target`` (0 / 1 / -1), ``group``, ``tissue_fraction``, ``index`` (row of the tile index), and
+``mask`` (1, H, W) uint8 with ``has_mask`` telling whether the slide carries annotations.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_plane.config import StainConfig, StreamConfig
+from data_plane.store import LevelReader, read_tile_index, store_path
+
+TARGETS = {"normal": 0, "anomalous": 1, "uncertain": -1}
+
+
+def select_tiles(tiles, config: StreamConfig):
+    """Rows of the tile index that pass the stream's filters (order kept)."""
+    keep = tiles["split"].isin(config.splits) & (tiles["tissue_fraction"] >= config.min_tissue_fraction)
+    if config.labels is not None:
+        keep &= tiles["label"].isin(config.labels)
+    if config.groups is not None:
+        keep &= tiles["group"].isin(config.groups)
+    return tiles[keep].reset_index(drop=True)
+
+
+def shard(order: np.ndarray, rank: int, world_size: int, worker: int, num_workers: int) -> np.ndarray:
+    """This reader's share of an epoch: every (world_size·num_workers)-th item from its global index."""
+    readers = world_size * max(num_workers, 1)
+    return order[rank * max(num_workers, 1) + worker::readers]
+
+
+class _SlideReaders:
+    """Per-process cache of open pyramid levels and annotation masks (opened lazily, after fork)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.levels: dict[tuple[str, int], LevelReader] = {}
+        self.masks: dict[str, tuple[np.ndarray, int] | None] = {}
+
+    def level(self, slide_id: str, level: int) -> LevelReader:
+        key = (slide_id, level)
+        if key not in self.levels:
+            import zarr
+
+            self.levels[key] = LevelReader(zarr.open_array(str(self.root / "slides" / slide_id / str(level)),
+                                                           mode="r"))
+        return self.levels[key]
+
+    def anomaly_mask(self, slide_id: str) -> tuple[np.ndarray, int] | None:
+        """Union of the slide's annotation masks and its downsample, or None when it has none."""
+        if slide_id not in self.masks:
+            import zarr
+
+            folder = self.root / "slides" / slide_id / "annotations"
+            arrays = [zarr.open_array(str(p), mode="r") for p in sorted(folder.iterdir())
+                      if (p / "zarr.json").is_file()] if folder.is_dir() else []
+            self.masks[slide_id] = (np.logical_or.reduce([a[:] > 0 for a in arrays]),
+                                    int(arrays[0].attrs["downsample"])) if arrays else None
+        return self.masks[slide_id]
+
+
+def _resize(pixels: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    if pixels.shape[0] == size and pixels.shape[1] == size:
+        return pixels
+    from PIL import Image
+
+    method = Image.NEAREST if nearest else Image.BILINEAR
+    return np.asarray(Image.fromarray(pixels).resize((size, size), method))
+
+
+class _TileLoader:
+    """Reads one indexed tile (optionally a crop of it) with its mask, as the stream's item dict."""
+
+    def __init__(self, store, crop: str, crop_size: int | None, stain: StainConfig | None):
+        self.readers = _SlideReaders(store_path(store))
+        self.crop, self.crop_size = crop, crop_size
+        self.stain_config = stain
+        self._stain = None
+
+    def load(self, row, index: int, rng: np.random.Generator | None) -> dict:
+        level, size, out_size = int(row.level), int(row.size), int(row.out_size)
+        scale = 2 ** level
+        read, out, offset_y, offset_x = size, out_size, 0, 0
+        if self.crop != "none":
+            out = self.crop_size
+            read = max(1, round(self.crop_size * size / out_size))
+            if read > size:
+                raise ValueError(f"crop_size {self.crop_size} is larger than the tiles ({out_size} px)")
+            if self.crop == "random":
+                offset_y, offset_x = (int(v) for v in rng.integers(0, size - read + 1, 2))
+            else:
+                offset_y = offset_x = (size - read) // 2
+        y0, x0 = int(row.y) + offset_y * scale, int(row.x) + offset_x * scale
+        pixels = self.readers.level(row.slide_id, level).read(y0 // scale, x0 // scale, read, read)
+        pixels = _resize(pixels, out)
+        if self.stain_config is not None and self.stain_config.method != "none" and self.stain_config.apply == "stream":
+            if self._stain is None:
+                from data_plane.stain import StainNormalizer
+
+                self._stain = StainNormalizer.from_config(self.stain_config)
+            pixels = self._stain.normalize_uint8(pixels)
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div_(255.0),
+            "slide_id": row.slide_id,
+            "level0_yx": torch.tensor([y0, x0], dtype=torch.int64),
+            "label": row.label,
+            "target": TARGETS.get(row.label, -1),
+            "group": row.group,
+            "tissue_fraction": float(row.tissue_fraction),
+            "index": index,
+        }
+        mask = self.readers.anomaly_mask(row.slide_id)
+        item["has_mask"] = mask is not None
+        crop = np.zeros((out, out), np.uint8)
+        if mask is not None:
+            array, ds = mask
+            span = read * scale
+            top, left = y0 // ds, x0 // ds
+            extent = max(1, math.ceil(span / ds))
+            region = np.zeros((extent, extent), np.uint8)
+            piece = array[top:top + extent, left:left + extent]
+            region[: piece.shape[0], : piece.shape[1]] = piece
+            crop = _resize(region, out, nearest=True)
+        item["mask"] = torch.from_numpy(np.ascontiguousarray(crop))[None]
+        return item
+
+
+def augmentation(preset: str, seed: int):
+    """MONAI dictionary-transform presets applied to ``image`` (and ``mask`` for geometric ones)."""
+    if preset == "none":
+        return None
+    from monai.transforms import Compose, RandAdjustContrastd, RandFlipd, RandGaussianNoised, RandRotate90d
+
+    keys = ["image", "mask"]
+    transforms = [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
+                  RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1))]
+    if preset == "histology":
+        transforms += [RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
+                       RandGaussianNoised("image", prob=0.2, std=0.01)]
+    return Compose(transforms).set_random_state(seed=seed)
+
+
+class TileStream(IterableDataset):
+    """Training stream over the store's tile index: filtered, shuffled per epoch, sharded, augmented.
+
+    ``rank`` / ``world_size`` come from the trainer (the one place that knows them); dataloader
+    workers are found with ``get_worker_info``. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, store: str | Path, config: StreamConfig, stain: StainConfig | None = None,
+                 rank: int = 0, world_size: int = 1, epoch: int = 0, shuffle: bool = True):
+        self.store = str(store)
+        self.config = config
+        self.stain = stain
+        self.rank, self.world_size = rank, world_size
+        self.epoch = epoch
+        self.shuffle = shuffle
+        self.tiles = select_tiles(read_tile_index(store), config)
+        if len(self.tiles) == 0:
+            raise ValueError(f"no tile of store '{store}' passes the stream filters (splits={config.splits}, "
+                             f"labels={config.labels}, groups={config.groups}, "
+                             f"min_tissue_fraction={config.min_tissue_fraction})")
+        self._loader = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self) -> list:
+        # Plain tuples: pandas' per-row indexing costs more than decoding a small tile.
+        if not hasattr(self, "_row_tuples"):
+            self._row_tuples = list(self.tiles.itertuples(index=False))
+        return self._row_tuples
+
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """Row indices of one epoch, before sharding (same on every rank and worker)."""
+        epoch = self.epoch if epoch is None else epoch
+        order = np.arange(len(self.tiles))
+        if self.shuffle:
+            order = np.random.default_rng((self.config.seed, epoch)).permutation(len(self.tiles))
+        cap = self.config.max_tiles_per_slide
+        if cap is not None:
+            slides = self.tiles["slide_id"].to_numpy()[order]
+            seen: dict[str, int] = {}
+            keep = np.zeros(len(order), bool)
+            for i, slide in enumerate(slides):
+                seen[slide] = seen.get(slide, 0) + 1
+                keep[i] = seen[slide] <= cap
+            order = order[keep]
+        return order
+
+    def my_share(self) -> np.ndarray:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return shard(self.epoch_order(), self.rank, self.world_size, worker, workers)
+
+    def __len__(self) -> int:
+        """Tiles this rank reads in the current epoch (all its dataloader workers together)."""
+        return len(shard(self.epoch_order(), self.rank, self.world_size, 0, 1))
+
+    def __iter__(self):
+        if self._loader is None:
+            self._loader = _TileLoader(self.store, self.config.crop, self.config.crop_size, self.stain)
+        info = get_worker_info()
+        worker = info.id if info else 0
+        transform = augmentation(self.config.augment, seed=hash((self.config.seed, self.epoch, self.rank, worker))
+                                 % 2**31)
+        rows = self._rows()
+        for index in self.my_share():
+            rng = np.random.default_rng((self.config.seed, self.epoch, int(index)))
+            item = self._loader.load(rows[index], int(index), rng)
+            if transform is not None:
+                item.update(transform({"image": item["image"], "mask": item["mask"]}))
+                item["image"] = torch.as_tensor(item["image"]).float()
+                item["mask"] = torch.as_tensor(item["mask"]).to(torch.uint8)
+            yield item
+
+
+class GridStream(IterableDataset):
+    """Every indexed tile of the chosen slides, in index order, for scoring whole slides."""
+
+    def __init__(self, store: str | Path, slide_ids: list[str] | None = None, stain: StainConfig | None = None,
+                 rank: int = 0, world_size: int = 1):
+        tiles = read_tile_index(store)
+        self.tiles = tiles[tiles["slide_id"].isin(slide_ids)].reset_index(drop=True) if slide_ids else tiles
+        self.store, self.stain = str(store), stain
+        self.rank, self.world_size = rank, world_size
+        self._loader = None
+
+    def __len__(self) -> int:
+        return len(shard(np.arange(len(self.tiles)), self.rank, self.world_size, 0, 1))
+
+    def __iter__(self):
+        if self._loader is None:
+            self._loader = _TileLoader(self.store, "none", None, self.stain)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rows = list(self.tiles.itertuples(index=False))
+        for index in shard(np.arange(len(self.tiles)), self.rank, self.world_size, worker, workers):
+            yield self._loader.load(rows[index], int(index), None)
