@@ -125,7 +125,8 @@ def _open_slide(path: Path):
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as exc:
-        raise IngestError(f"'{path.name}' is not a slide format OpenSlide can read ({exc})") from exc
+        raise IngestError(f"'{path.name}' is not readable by OpenSlide: not a slide format it knows, or a "
+                          f"truncated or corrupt file (OpenSlide: {exc})") from exc
     except openslide.OpenSlideError as exc:
         raise IngestError(f"'{path.name}' is not readable by OpenSlide (truncated or corrupt file?): {exc}") from exc
 
