@@ -1,9 +1,9 @@
 """Streams of tiles from the store, for training (:class:`TileStream`) and inference (:class:`GridStream`).
 
 Sharding: an epoch's order is a permutation of the selected tiles drawn from ``(seed, epoch)``;
-the k-th of the ``world_size × num_workers`` readers takes every (world_size·num_workers)-th tile
-starting at k. So within one epoch every selected tile is read exactly once across all ranks and
-dataloader workers (shares differ by at most one tile).
+rank r takes every world_size-th tile starting at r, and its dataloader worker w every
+num_workers-th tile of that share starting at w. So within one epoch every selected tile is read
+exactly once across all ranks and workers, and ranks' shares differ by at most one tile.
 
 Each item is a dict: ``image`` (3, H, W) float32 in [0, 1], ``slide_id``, ``level0_yx`` (int64 [2],
 level-0 pixel of the image's top-left corner), ``label`` ("normal" / "anomalous" / "uncertain"),
@@ -37,9 +37,11 @@ def select_tiles(tiles, config: StreamConfig):
 
 
 def shard(order: np.ndarray, rank: int, world_size: int, worker: int, num_workers: int) -> np.ndarray:
-    """This reader's share of an epoch: every (world_size·num_workers)-th item from its global index."""
-    readers = world_size * max(num_workers, 1)
-    return order[rank * max(num_workers, 1) + worker::readers]
+    """This reader's share of an epoch: the rank's every world_size-th item, then the worker's part of it.
+
+    Sharding by rank first makes a rank's share independent of how many dataloader workers it runs.
+    """
+    return order[rank::world_size][worker::max(num_workers, 1)]
 
 
 class _SlideReaders:
