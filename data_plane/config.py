@@ -50,7 +50,7 @@ class AnnotationConfig(StrictConfig):
 class IngestConfig(StrictConfig):
     """How slides are written into the store."""
 
-    chunk: int = Field(256, ge=64)                    # pyramid chunk edge in pixels (one tile per chunk)
+    chunk: int | None = Field(None, ge=64)            # pyramid chunk edge in pixels; None = data.tiles.size (one tile, one chunk)
     max_levels: int = Field(8, ge=1)                  # pyramid levels kept (smallest level stops at one chunk)
     compression_level: int = Field(5, ge=0, le=9)     # zstd level of the Blosc codec
     threads: int = Field(2, ge=1)                     # threads decoding/encoding chunks within one slide

@@ -110,7 +110,7 @@ def _sha256(path: Path) -> str:
 def config_digest(config: DataConfig) -> str:
     """What decides a slide's content in the store; a change means re-ingesting."""
     relevant = {k: config.model_dump(mode="json")[k] for k in ("tissue", "tiles", "annotations", "stain")}
-    relevant["chunk"] = config.ingest.chunk
+    relevant["chunk"] = config.ingest.chunk or config.tiles.size
     relevant["max_levels"] = config.ingest.max_levels
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -293,7 +293,7 @@ def ingest_slide(source: SlideSource, store: str, config: DataConfig,
         shutil.rmtree(partial, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(partial), mode="w")
-        chunk = config.ingest.chunk
+        chunk = config.ingest.chunk or config.tiles.size  # one tile, one chunk: a tile read is one decode
         compressor = BloscCodec(cname="zstd", clevel=config.ingest.compression_level,
                                 shuffle=BloscShuffle.bitshuffle)
 

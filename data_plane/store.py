@@ -165,29 +165,35 @@ class LevelReader:
         if local and [c["name"] for c in codecs] == ["bytes", "blosc"] and array.dtype == np.uint8:
             from numcodecs import Blosc
 
-            self._dir = Path(str(array.store.root)) / array.path
+            self._dir = str(Path(str(array.store.root)) / array.path)
             self._codec = Blosc()  # blosc frames carry their own compressor/shuffle settings
             self._sep = array.metadata.chunk_key_encoding.separator
 
     def read(self, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Pixels [y, y+height) × [x, x+width) of this level; outside the level reads as fill."""
-        if self._dir is None:
+        if self._dir is None or y < 0 or x < 0:
             return self._read_zarr(y, x, height, width)
         ch, cw = self.chunk
         channels = self.shape[2]
-        out = np.full((height, width, channels), self.fill, dtype=np.uint8)
-        for cy in range(max(y, 0) // ch, min(y + height, self.shape[0] - 1) // ch + 1):
-            for cx in range(max(x, 0) // cw, min(x + width, self.shape[1] - 1) // cw + 1):
-                path = self._dir / f"c{self._sep}{cy}{self._sep}{cx}{self._sep}0"
-                try:
-                    raw = path.read_bytes()
-                except FileNotFoundError:
-                    continue  # background chunk: never written, stays fill
-                chunk = np.frombuffer(self._codec.decode(raw), np.uint8).reshape(ch, cw, channels)
+        sep = self._sep
+        out = np.empty((height, width, channels), dtype=np.uint8)
+        for cy in range(y // ch, (y + height - 1) // ch + 1):
+            for cx in range(x // cw, (x + width - 1) // cw + 1):
                 y0, x0 = cy * ch, cx * cw
                 sy, sx = max(y, y0), max(x, x0)
                 ey, ex = min(y + height, y0 + ch), min(x + width, x0 + cw)
-                out[sy - y:ey - y, sx - x:ex - x] = chunk[sy - y0:ey - y0, sx - x0:ex - x0]
+                target = out[sy - y:ey - y, sx - x:ex - x]
+                try:
+                    with open(f"{self._dir}/c{sep}{cy}{sep}{cx}{sep}0", "rb") as f:
+                        raw = f.read()
+                except FileNotFoundError:
+                    target[...] = self.fill  # background chunk (never written) or outside the level
+                    continue
+                if (sy, sx, ey, ex) == (y0, x0, y0 + ch, x0 + cw) and target.flags.c_contiguous:
+                    self._codec.decode(raw, out=target)  # a whole aligned chunk: decode in place
+                else:
+                    chunk = np.frombuffer(self._codec.decode(raw), np.uint8).reshape(ch, cw, channels)
+                    target[...] = chunk[sy - y0:ey - y0, sx - x0:ex - x0]
         return out
 
     def _read_zarr(self, y: int, x: int, height: int, width: int) -> np.ndarray:

@@ -7,8 +7,9 @@ exactly once across all ranks and workers, and ranks' shares differ by at most o
 
 Each item is a dict: ``image`` (3, H, W) float32 in [0, 1], ``slide_id``, ``level0_yx`` (int64 [2],
 level-0 pixel of the image's top-left corner), ``label`` ("normal" / "anomalous" / "uncertain"),
-``target`` (0 / 1 / -1), ``group``, ``tissue_fraction``, ``index`` (row of the tile index), and
-``mask`` (1, H, W) uint8 with ``has_mask`` telling whether the slide carries annotations.
+``target`` (0 / 1 / -1), ``group``, ``tissue_fraction``, ``index`` (row of the tile index), and,
+when any slide of the stream carries annotations, ``mask`` (1, H, W) uint8 with ``has_mask``
+telling whether this item's slide does (streams of unannotated slides skip the all-zero masks).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class _SlideReaders:
         return self.masks[slide_id]
 
 
+def has_annotations(store, tiles) -> bool:
+    """Whether any slide among these tiles carries annotation masks (else items carry no ``mask``)."""
+    root = store_path(store)
+    return any((root / "slides" / sid / "annotations").is_dir() for sid in tiles["slide_id"].unique())
+
+
 def _resize(pixels: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     if pixels.shape[0] == size and pixels.shape[1] == size:
         return pixels
@@ -86,8 +93,9 @@ def _resize(pixels: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
 class _TileLoader:
     """Reads one indexed tile (optionally a crop of it) with its mask, as the stream's item dict."""
 
-    def __init__(self, store, crop: str, crop_size: int | None, stain: StainConfig | None):
+    def __init__(self, store, crop: str, crop_size: int | None, stain: StainConfig | None, with_masks: bool):
         self.readers = _SlideReaders(store_path(store))
+        self.with_masks = with_masks
         self.crop, self.crop_size = crop, crop_size
         self.stain_config = stain
         self._stain = None
@@ -115,7 +123,9 @@ class _TileLoader:
                 self._stain = StainNormalizer.from_config(self.stain_config)
             pixels = self._stain.normalize_uint8(pixels)
         item = {
-            "image": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div_(255.0),
+            # One strided pass from (H, W, C) uint8 to contiguous (C, H, W) float.
+            "image": torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+                          .mul_(1 / 255),
             "slide_id": row.slide_id,
             "level0_yx": torch.tensor([y0, x0], dtype=torch.int64),
             "label": row.label,
@@ -124,6 +134,8 @@ class _TileLoader:
             "tissue_fraction": float(row.tissue_fraction),
             "index": index,
         }
+        if not self.with_masks:
+            return item
         mask = self.readers.anomaly_mask(row.slide_id)
         item["has_mask"] = mask is not None
         crop = np.zeros((out, out), np.uint8)
@@ -147,8 +159,9 @@ def augmentation(preset: str, seed: int):
     from monai.transforms import Compose, RandAdjustContrastd, RandFlipd, RandGaussianNoised, RandRotate90d
 
     keys = ["image", "mask"]
-    transforms = [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
-                  RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1))]
+    transforms = [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+                  RandFlipd(keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+                  RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1), allow_missing_keys=True)]
     if preset == "histology":
         transforms += [RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
                        RandGaussianNoised("image", prob=0.2, std=0.01)]
@@ -214,7 +227,8 @@ class TileStream(IterableDataset):
 
     def __iter__(self):
         if self._loader is None:
-            self._loader = _TileLoader(self.store, self.config.crop, self.config.crop_size, self.stain)
+            self._loader = _TileLoader(self.store, self.config.crop, self.config.crop_size, self.stain,
+                                       has_annotations(self.store, self.tiles))
         info = get_worker_info()
         worker = info.id if info else 0
         transform = augmentation(self.config.augment, seed=hash((self.config.seed, self.epoch, self.rank, worker))
@@ -224,9 +238,10 @@ class TileStream(IterableDataset):
             rng = np.random.default_rng((self.config.seed, self.epoch, int(index)))
             item = self._loader.load(rows[index], int(index), rng)
             if transform is not None:
-                item.update(transform({"image": item["image"], "mask": item["mask"]}))
+                item.update(transform({k: item[k] for k in ("image", "mask") if k in item}))
                 item["image"] = torch.as_tensor(item["image"]).float()
-                item["mask"] = torch.as_tensor(item["mask"]).to(torch.uint8)
+                if "mask" in item:
+                    item["mask"] = torch.as_tensor(item["mask"]).to(torch.uint8)
             yield item
 
 
@@ -246,7 +261,7 @@ class GridStream(IterableDataset):
 
     def __iter__(self):
         if self._loader is None:
-            self._loader = _TileLoader(self.store, "none", None, self.stain)
+            self._loader = _TileLoader(self.store, "none", None, self.stain, has_annotations(self.store, self.tiles))
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rows = list(self.tiles.itertuples(index=False))
