@@ -208,3 +208,21 @@ def test_parallel_ingest_with_ray(tmp_path, make_slide, data_config):
     tiles = pd.read_parquet(tmp_path / "s.zarr" / "tiles.parquet")
     counts = tiles.groupby("slide_id").size()
     assert counts["s0"] < counts["s1"] < counts["s2"]  # bigger discs, more tiles
+
+
+def test_stain_normalisation_at_ingest(tmp_path, sample_data, texture, data_config):
+    from skimage.color import rgb2lab
+
+    config = data_config("data.stain.method=reinhard", "data.stain.apply=ingest")
+    report = ingest(resolve_sources([str(sample_data.slide)]), tmp_path / "s.zarr", config, show_progress=False)
+    assert report.done == ["cmu_small_region"]
+    tiles = pd.read_parquet(tmp_path / "s.zarr" / "tiles.parquet")
+    row = tiles.sort_values("tissue_fraction").iloc[-1]
+    stored = LevelReader(zarr.open_array(str(tmp_path / "s.zarr" / "slides" / "cmu_small_region" / "0"),
+                                         mode="r")).read(int(row.y), int(row.x), 256, 256)
+    with openslide.OpenSlide(str(sample_data.slide)) as slide:
+        raw = np.asarray(slide.read_region((int(row.x), int(row.y)), 0, (256, 256)).convert("RGB"))
+    target = rgb2lab(texture).reshape(-1, 3).mean(0)
+    def distance(image):
+        return np.abs(rgb2lab(image).reshape(-1, 3).mean(0) - target).sum()
+    assert distance(stored) < 0.5 * distance(raw)

@@ -1,0 +1,164 @@
+"""Synthetic anomalies with exact masks, in 2D (C, H, W) and 3D (C, D, H, W), seeded and reproducible.
+
+MOOD's five outlier kinds, each confined to a sphere (a disc in 2D) of random radius and centre:
+
+- ``uniform_addition``  x' = x + c inside the sphere, c ~ ±U(c_lo, c_hi)
+- ``noise_addition``    x' = x + n inside, n ~ N(0, σ²) per voxel, σ ~ U(σ_lo, σ_hi)
+- ``sink_source``       x'(p) = x(c + (p − c)·d^(γ−1)), d = |p − c| / r, inside: a radial remapping that is the
+                        identity on the sphere's surface; γ > 1 magnifies the centre (source), γ < 1 pulls
+                        the surroundings in (sink); γ ~ U(1.5, 3) or its reciprocal
+- ``uniform_shift``     x'(p) = x(p + s) inside: the sphere shows the anatomy displaced by a vector s, |s| ~ U(r/2, r)
+- ``reflection``        x'(p) = x(R(p)) inside: the sphere shows its content mirrored across a plane through c
+
+and Foreign Patch Interpolation (Tan et al.): a box h with per-axis width ~ U(0.1·d, 0.4·d) and
+centre ~ U(0.1·d, 0.9·d), x' = (1 − α)·x + α·y inside h for a second sample y; the label is α inside h
+where x ≠ y and 0 elsewhere.
+
+Intensities are assumed scaled to about [0, 1] (the volume ingest's normalisation); results are
+not clipped, so the mask stays exact. Every function takes a ``numpy.random.Generator``: the same
+seed gives the same anomaly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OUTLIER_KINDS = ("uniform_addition", "noise_addition", "sink_source", "uniform_shift", "reflection")
+
+
+def _grid(shape: tuple[int, ...], device=None) -> list[torch.Tensor]:
+    """Voxel coordinates per spatial axis, broadcastable to ``shape``."""
+    axes = []
+    for axis, size in enumerate(shape):
+        view = [1] * len(shape)
+        view[axis] = size
+        axes.append(torch.arange(size, dtype=torch.float32, device=device).view(view))
+    return axes
+
+
+def sphere_mask(shape: tuple[int, ...], centre, radius: float, device=None) -> torch.Tensor:
+    """Boolean sphere (disc) of ``radius`` voxels around ``centre`` in a grid of ``shape``."""
+    distance = sum((axis - float(c)) ** 2 for axis, c in zip(_grid(shape, device), centre))
+    return distance <= radius ** 2
+
+
+def random_sphere(shape: tuple[int, ...], rng: np.random.Generator, radius_range=(0.05, 0.2),
+                  foreground: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+    """Centre and radius: radius ~ U(radius_range)·min(shape); centre inside ``foreground`` when given."""
+    radius = float(rng.uniform(*radius_range) * min(shape))
+    if foreground is not None and bool(foreground.any()):
+        candidates = torch.nonzero(foreground.reshape(shape)).cpu().numpy()
+        centre = candidates[rng.integers(len(candidates))].astype(float)
+    else:
+        centre = np.array([rng.uniform(radius, size - radius) if size > 2 * radius else size / 2 for size in shape])
+    return centre, radius
+
+
+def _sample(image: torch.Tensor, coords: list[torch.Tensor], mode: str) -> torch.Tensor:
+    """image (C, *S) sampled at voxel coordinates (one tensor per axis, shape S), border-clamped."""
+    spatial = image.shape[1:]
+    # grid_sample wants (x, y[, z]) = last axis first, normalised to [-1, 1] with align_corners=True.
+    coords = torch.broadcast_tensors(*coords)
+    normalised = [2 * c / max(size - 1, 1) - 1 for c, size in zip(coords, spatial)]
+    grid = torch.stack(normalised[::-1], dim=-1)[None]
+    return F.grid_sample(image[None].float(), grid, mode=mode, padding_mode="border", align_corners=True)[0]
+
+
+def _apply(image: torch.Tensor, mask: torch.Tensor, altered: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask[None], altered.to(image.dtype), image)
+
+
+def uniform_addition(image, mask, rng, low=0.2, high=0.5, **_):
+    value = float(rng.uniform(low, high) * rng.choice([-1.0, 1.0]))
+    return _apply(image, mask, image + value)
+
+
+def noise_addition(image, mask, rng, low=0.05, high=0.2, **_):
+    sigma = float(rng.uniform(low, high))
+    generator = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**62)))
+    noise = torch.randn(image.shape, generator=generator).to(image.device) * sigma
+    return _apply(image, mask, image + noise)
+
+
+def sink_source(image, mask, rng, centre=None, radius=None, **_):
+    gamma = float(rng.uniform(1.5, 3.0))
+    gamma = gamma if rng.random() < 0.5 else 1 / gamma
+    axes = _grid(image.shape[1:], image.device)
+    offsets = [axis - float(c) for axis, c in zip(axes, centre)]
+    distance = torch.sqrt(sum(o ** 2 for o in offsets)).clamp_min(1e-6) / radius
+    factor = distance.clamp(max=1.0) ** (gamma - 1)
+    coords = [float(c) + o * factor for o, c in zip(offsets, centre)]
+    return _apply(image, mask, _sample(image, coords, "bilinear"))
+
+
+def uniform_shift(image, mask, rng, centre=None, radius=None, **_):
+    direction = rng.normal(size=len(centre))
+    direction /= np.linalg.norm(direction) + 1e-12
+    shift = direction * rng.uniform(radius / 2, radius)
+    axes = _grid(image.shape[1:], image.device)
+    coords = [axis + float(s) for axis, s in zip(axes, np.round(shift))]
+    return _apply(image, mask, _sample(image, coords, "nearest"))
+
+
+def reflection(image, mask, rng, centre=None, **_):
+    axis_index = int(rng.integers(len(centre)))
+    axes = _grid(image.shape[1:], image.device)
+    coords = [2 * round(float(centre[i])) - axis if i == axis_index else axis for i, axis in enumerate(axes)]
+    return _apply(image, mask, _sample(image, coords, "nearest"))
+
+
+OUTLIERS: dict[str, Callable] = {
+    "uniform_addition": uniform_addition,
+    "noise_addition": noise_addition,
+    "sink_source": sink_source,
+    "uniform_shift": uniform_shift,
+    "reflection": reflection,
+}
+
+
+def mood_outlier(image: torch.Tensor, kind: str, rng: np.random.Generator, foreground: torch.Tensor | None = None,
+                 radius_range=(0.05, 0.2)) -> tuple[torch.Tensor, torch.Tensor]:
+    """One outlier of ``kind`` in ``image`` (C, *spatial); returns (altered image, boolean mask (*spatial))."""
+    if kind not in OUTLIERS:
+        raise ValueError(f"outlier kind '{kind}' is not one of {', '.join(OUTLIER_KINDS)}")
+    spatial = tuple(image.shape[1:])
+    centre, radius = random_sphere(spatial, rng, radius_range, foreground)
+    mask = sphere_mask(spatial, centre, radius, image.device)
+    return OUTLIERS[kind](image, mask, rng, centre=centre, radius=radius), mask
+
+
+def fpi_box(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[slice, ...]:
+    """The FPI patch: per axis of size d, width ~ U(0.1·d, 0.4·d), centre ~ U(0.1·d, 0.9·d), clipped to the image."""
+    box = []
+    for size in shape:
+        width = rng.uniform(0.1 * size, 0.4 * size)
+        centre = rng.uniform(0.1 * size, 0.9 * size)
+        start, stop = int(round(max(centre - width / 2, 0))), int(round(min(centre + width / 2, size)))
+        box.append(slice(start, max(stop, start + 1)))
+    return tuple(box)
+
+
+def foreign_patch_interpolation(image: torch.Tensor, other: torch.Tensor, rng: np.random.Generator,
+                                alpha: float | None = None, discrete: bool = False,
+                                box: tuple[slice, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend a patch of ``other`` into ``image`` (both (C, *spatial)); returns (image', label (1, *spatial)).
+
+    α ~ U(0, 1), or one of {0, 0.25, 0.5, 0.75, 1} when ``discrete``. The label is α where the patch
+    changed the image (x ≠ y in any channel) and 0 elsewhere.
+    """
+    if image.shape != other.shape:
+        raise ValueError(f"FPI needs two samples of one shape, got {tuple(image.shape)} and {tuple(other.shape)}")
+    if alpha is None:
+        alpha = float(rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])) if discrete else float(rng.uniform(0, 1))
+    box = box or fpi_box(tuple(image.shape[1:]), rng)
+    region = (slice(None), *box)
+    out = image.clone()
+    out[region] = (1 - alpha) * image[region] + alpha * other[region]
+    label = torch.zeros((1, *image.shape[1:]), dtype=torch.float32, device=image.device)
+    differs = (image[region] != other[region]).any(dim=0, keepdim=True)
+    label[region] = differs.float() * alpha
+    return out, label

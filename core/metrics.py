@@ -1,0 +1,141 @@
+"""Anomaly-detection metrics: image AUROC/AP, pixel AUROC/AP the MOOD way, DICE at the best threshold.
+
+Pixel metrics pool all voxels of all cases (as the MOOD challenge does), with scores clipped to
+[0, 1]. They are accumulated case by case in a table of distinct scores with positive and negative
+counts, so no case's voxels are kept: memory grows with the number of distinct score values, which
+``bins`` caps (scores rounded to ``bins`` levels) for very large evaluations. With ``bins=None`` the
+results equal scikit-learn's on the flattened arrays.
+
+Per group (e.g. outlier kind): that group's anomalous cases together with all normal cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ScoreTable:
+    """Distinct scores with how many positives and negatives had each: the sufficient statistic of ROC/PR."""
+
+    def __init__(self, bins: int | None = None):
+        self.bins = bins
+        self.scores = np.empty(0, np.float64)
+        self.positives = np.empty(0, np.int64)
+        self.negatives = np.empty(0, np.int64)
+
+    def update(self, scores, labels) -> None:
+        scores = np.asarray(scores, np.float64).ravel()
+        labels = np.asarray(labels).ravel() > 0
+        if scores.shape != labels.shape:
+            raise ValueError(f"scores and labels differ in size: {scores.size} vs {labels.size}")
+        if self.bins:
+            scores = np.round(scores * self.bins) / self.bins
+        merged = np.concatenate([self.scores, scores])
+        unique, inverse = np.unique(merged, return_inverse=True)
+        old = len(self.scores)
+        pos = np.bincount(inverse[:old], weights=self.positives, minlength=len(unique)).astype(np.float64)
+        neg = np.bincount(inverse[:old], weights=self.negatives, minlength=len(unique)).astype(np.float64)
+        pos += np.bincount(inverse[old:], weights=labels, minlength=len(unique))
+        neg += np.bincount(inverse[old:], weights=~labels, minlength=len(unique))
+        self.scores, self.positives, self.negatives = unique, pos.astype(np.int64), neg.astype(np.int64)
+
+    def merge(self, other: "ScoreTable") -> "ScoreTable":
+        out = ScoreTable(self.bins)
+        out.scores = np.concatenate([self.scores, other.scores])
+        out.positives = np.concatenate([self.positives, other.positives])
+        out.negatives = np.concatenate([self.negatives, other.negatives])
+        unique, inverse = np.unique(out.scores, return_inverse=True)
+        out.positives = np.bincount(inverse, weights=out.positives, minlength=len(unique)).astype(np.int64)
+        out.negatives = np.bincount(inverse, weights=out.negatives, minlength=len(unique)).astype(np.int64)
+        out.scores = unique
+        return out
+
+    def _cumulative(self):
+        """True/false positives when predicting positive for score >= each threshold, thresholds descending."""
+        order = slice(None, None, -1)
+        return np.cumsum(self.positives[order]), np.cumsum(self.negatives[order]), self.scores[order]
+
+    def average_precision(self) -> float:
+        tp, fp, _ = self._cumulative()
+        total = tp[-1] if len(tp) else 0
+        if total == 0:
+            return float("nan")
+        precision = tp / np.maximum(tp + fp, 1)
+        recall = tp / total
+        return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+    def auroc(self) -> float:
+        tp, fp, _ = self._cumulative()
+        if not len(tp) or tp[-1] == 0 or fp[-1] == 0:
+            return float("nan")
+        tpr = np.concatenate([[0.0], tp / tp[-1]])
+        fpr = np.concatenate([[0.0], fp / fp[-1]])
+        return float(np.trapezoid(tpr, fpr))
+
+    def best_dice(self) -> tuple[float, float]:
+        """The highest DICE over all thresholds (score >= t is positive), and that threshold."""
+        tp, fp, thresholds = self._cumulative()
+        if not len(tp) or tp[-1] == 0:
+            return float("nan"), float("nan")
+        dice = 2 * tp / (2 * tp + fp + (tp[-1] - tp))
+        best = int(np.argmax(dice))
+        return float(dice[best]), float(thresholds[best])
+
+
+@dataclass
+class _Case:
+    score: float
+    label: int
+    group: str
+
+
+@dataclass
+class AnomalyMetrics:
+    """Accumulates cases (image score, label, group, optional pixel maps) and computes every metric."""
+
+    clip: bool = True                  # clip pixel scores to [0, 1] as MOOD does
+    bins: int | None = None            # round pixel scores to this many levels to bound memory; None = exact
+    cases: list[_Case] = field(default_factory=list)
+    _pixels: dict[str, ScoreTable] = field(default_factory=dict)
+
+    def add(self, score: float, label: int, group: str = "", pixel_scores=None, pixel_labels=None) -> None:
+        """One case. Normal cases (label 0) count in every group's metrics."""
+        label = int(label)
+        group = group if label else "normal"
+        self.cases.append(_Case(float(score), label, group))
+        if pixel_scores is not None:
+            scores = np.asarray(pixel_scores, np.float64)
+            scores = np.clip(scores, 0, 1) if self.clip else scores
+            labels = np.zeros(scores.shape, bool) if pixel_labels is None else np.asarray(pixel_labels) > 0
+            self._pixels.setdefault(group, ScoreTable(self.bins)).update(scores, labels)
+
+    def _summary(self, groups: set[str]) -> dict:
+        from sklearn.metrics import average_precision_score, roc_auc_score
+
+        chosen = [c for c in self.cases if c.group in groups]
+        labels = np.array([c.label for c in chosen])
+        scores = np.array([c.score for c in chosen])
+        both = len(set(labels.tolist())) == 2
+        out = {
+            "n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum()),
+            "image_auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+            "image_ap": float(average_precision_score(labels, scores)) if both else float("nan"),
+        }
+        tables = [self._pixels[g] for g in groups if g in self._pixels]
+        if tables:
+            table = tables[0]
+            for other in tables[1:]:
+                table = table.merge(other)
+            dice, threshold = table.best_dice()
+            out.update({"pixel_auroc": table.auroc(), "pixel_ap": table.average_precision(),
+                        "dice": dice, "dice_threshold": threshold})
+        return out
+
+    def compute(self) -> dict:
+        """``{"overall": {...}, "groups": {group: {...}}}`` with image and (if given) pixel metrics."""
+        groups = sorted({c.group for c in self.cases} - {"normal"})
+        everything = set(groups) | {"normal"}
+        return {"overall": self._summary(everything),
+                "groups": {g: self._summary({g, "normal"}) for g in groups}}
