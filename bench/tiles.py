@@ -8,7 +8,8 @@ Same tile coordinates (random access, chunk-aligned level-0 tiles from the tile 
   (b) openslide.read_region directly (a map-style Dataset),
   (c) MONAI PatchWSIDataset with its openslide and tifffile backends,
   (d) the decode limit: the same Blosc chunks, already in memory, decoded in a tight loop.
-Each case runs in its own process, so its peak RSS (process + dataloader workers) is its own.
+Each case runs in its own process, so its peak RSS (process + dataloader workers) is its own, and
+reports the best of 3 passes (MONAI's tifffile backend: one pass, it is ~1000x slower).
 Then ingests a --big-side² pyramidal TIFF and reports its peak RSS.
 
 The slides are made from real H&E pixels (tiatoolbox's target image, via `tessera sample-data`)
@@ -30,6 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY = None  # the PeakRSS sampler of a case process
+REPEATS = 3    # passes per case; the best counts (the machine's other load only ever slows a pass)
 sys.path.insert(0, str(ROOT))
 
 
@@ -152,10 +154,12 @@ def run_case(method: str, slide: Path, store: Path, yx: np.ndarray, size: int, w
                     if path.exists():
                         blobs.append(path.read_bytes())
         codec = Blosc()
-        started = time.perf_counter()
-        for blob in blobs:
-            codec.decode(blob)
-        seconds = time.perf_counter() - started
+        seconds = float("inf")
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            for blob in blobs:
+                codec.decode(blob)
+            seconds = min(seconds, time.perf_counter() - started)
         return {"tiles_per_s": len(yx) / seconds, "tiles": len(yx), "peak_rss_mib": MEMORY.mib()}
     if method == "zarr":
         from data_plane.config import StreamConfig
@@ -177,15 +181,17 @@ def run_case(method: str, slide: Path, store: Path, yx: np.ndarray, size: int, w
                                   include_label=False)
     loader = DataLoader(dataset, batch_size=16, num_workers=0 if workers == 1 else workers,
                         persistent_workers=False)
-    batches = iter(loader)
-    next(batches)  # warm-up, the same for every reader: worker start, opening files, first decode
-    started = time.perf_counter()
-    count = 0
-    for batch in batches:
-        images = batch["image"] if isinstance(batch, dict) else batch
-        count += len(images)
-    seconds = time.perf_counter() - started
-    return {"tiles_per_s": count / seconds, "tiles": count, "peak_rss_mib": MEMORY.mib()}
+    best = 0.0
+    for _ in range(1 if method == "monai-tifffile" else REPEATS):  # best of N passes, for every reader alike
+        batches = iter(loader)
+        next(batches)  # warm-up, the same for every reader: worker start, opening files, first decode
+        started = time.perf_counter()
+        count = 0
+        for batch in batches:
+            images = batch["image"] if isinstance(batch, dict) else batch
+            count += len(images)
+        best = max(best, count / (time.perf_counter() - started))
+    return {"tiles_per_s": best, "tiles": count, "peak_rss_mib": MEMORY.mib()}
 
 
 def case_in_subprocess(args: list[str]) -> dict:
@@ -258,7 +264,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     slide = make_slide(args.work / f"bench-{args.slide_side}.svs", args.slide_side)
     rows = []
-    slow = {"monai-tifffile": 80}  # decodes the whole level per patch: a few batches tell its rate
+    slow = {"monai-tifffile": 48}  # decodes the whole level per patch: a few batches tell its rate
     for size in (256, 512):
         store = args.work / f"bench-{args.slide_side}-{size}.zarr"
         if not (store / "tiles.parquet").exists():

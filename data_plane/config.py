@@ -58,6 +58,30 @@ class IngestConfig(StrictConfig):
     ray_address: str | None = None                   # join this Ray cluster; None = a local runtime when workers > 1
 
 
+class VolumeConfig(StrictConfig):
+    """How 3D volumes (NIfTI, DICOM series) are written into the store."""
+
+    spacing: list[float] | None = None                # resample to this voxel size in mm (x, y, z); None = keep
+    percentiles: tuple[float, float] = (0.5, 99.5)    # intensities clipped to these percentiles, then scaled to [0, 1]
+    nonzero_only: bool = True                         # percentiles over non-zero voxels (MRI background is 0)
+    chunk: int = Field(64, ge=8)                      # chunk edge in voxels (chunks of chunk³)
+
+
+class VolumeStreamConfig(StrictConfig):
+    """Which volumes a 3D patch / slice stream reads and how."""
+
+    splits: list[str] = ["train"]                     # keep volumes whose split is one of these
+    labels: list[str] | None = None                   # keep these labels; None = all
+    groups: list[str] | None = None                   # keep these groups; None = all
+    patch_size: int = Field(64, ge=8)                 # edge of random 3D patches (voxels)
+    patches_per_volume: int = Field(8, ge=1)          # random patches drawn from each volume per epoch
+    slice_axis: int = Field(0, ge=0, le=2)            # axis of the stored (z, y, x) array that slices cut
+    slice_size: int = Field(128, ge=16)               # slices are padded / resized to slice_size²
+    min_foreground: float = Field(0.05, ge=0, le=1)   # slices with less non-zero area are skipped
+    augment: Literal["none", "affine"] = "none"       # MONAI 3D augmentation preset for patches
+    seed: int = 0                                     # shuffling seed; epoch e uses (seed, e)
+
+
 class StreamConfig(StrictConfig):
     """Which tiles a stream yields and how each is prepared."""
 
@@ -88,3 +112,5 @@ class DataConfig(StrictConfig):
     annotations: AnnotationConfig = AnnotationConfig()
     ingest: IngestConfig = IngestConfig()
     stream: StreamConfig = StreamConfig()
+    volumes: VolumeConfig = VolumeConfig()
+    volume_stream: VolumeStreamConfig = VolumeStreamConfig()

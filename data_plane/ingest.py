@@ -1,9 +1,10 @@
-"""Ingest: whole-slide images into the store, atomic per slide, resumable, parallel across slides.
+"""Ingest: slides and volumes into the store, atomic per item, resumable, parallel across items.
 
-One slide goes through :func:`ingest_slide` (tissue mask → annotations → pyramid → tile index),
-built under ``.partial/<slide_id>`` and renamed into ``slides/`` only when complete. The driver,
-:func:`ingest`, decides what to (re)do from ``manifest.json``, runs slides in-process or as Ray
-tasks, records each outcome (done, or failed with its reason) and rebuilds ``tiles.parquet``.
+One slide goes through :func:`ingest_slide` (tissue mask → annotations → pyramid → tile index), one
+volume through :func:`data_plane.volumes.ingest_volume`; each is built under ``.partial/<id>`` and
+renamed into ``slides/`` or ``volumes/`` only when complete. The driver, :func:`ingest`, decides
+what to (re)do from ``manifest.json``, runs items in-process or as Ray tasks, records each outcome
+(done, or failed with its reason) and rebuilds ``tiles.parquet`` and ``volumes.parquet``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import numpy as np
 
 from data_plane.config import DataConfig
 from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, ome_multiscales, \
-    rebuild_tile_index
+    rebuild_tile_index, rebuild_volume_index
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
-MANIFEST_COLUMNS = ("path", "slide_id", "label", "split", "annotation", "group")
+MANIFEST_COLUMNS = ("path", "id", "slide_id", "volume_id", "label", "split", "annotation", "mask", "group")
 LABELS = ("normal", "anomalous")
 SPLITS = ("train", "val", "test")
 
@@ -43,13 +44,25 @@ class SourceError(ValueError):
 
 
 @dataclass
-class SlideSource:
+class Source:
+    """One item to ingest: a slide (any OpenSlide format) or a volume (NIfTI file, DICOM folder)."""
+
     path: Path
-    slide_id: str
+    item_id: str
     label: str = "normal"
     split: str = "train"
-    annotation: Path | None = None
+    annotation: Path | None = None     # slides: ASAP XML / GeoJSON regions; volumes: a voxel mask volume
     group: str = ""
+    kind: str = "slide"                # "slide" or "volume"
+
+
+def source_for(path: Path, label: str = "normal", split: str = "train", annotation: Path | None = None,
+               group: str = "", item_id: str | None = None) -> Source:
+    from data_plane.volumes import is_volume_path, volume_id_of
+
+    if is_volume_path(path):
+        return Source(path, item_id or volume_id_of(path), label, split, annotation, group, "volume")
+    return Source(path, item_id or slide_id_of(path), label, split, annotation, group, "slide")
 
 
 def slide_id_of(path: Path) -> str:
@@ -60,8 +73,8 @@ def slide_id_of(path: Path) -> str:
     return path.stem
 
 
-def read_manifest_csv(path: Path) -> list[SlideSource]:
-    """Rows ``path,label,split,annotation,group`` (``slide_id`` optional); paths relative to the CSV."""
+def read_manifest_csv(path: Path) -> list[Source]:
+    """Rows ``path,label,split,annotation|mask,group`` (``id`` optional); paths relative to the CSV."""
     if not path.is_file():
         raise SourceError(f"manifest CSV '{path}' does not exist")
     with open(path, newline="") as f:
@@ -81,24 +94,28 @@ def read_manifest_csv(path: Path) -> list[SlideSource]:
             slide = (path.parent / row["path"]).resolve() if row["path"] else None
             if slide is None:
                 raise SourceError(f"manifest CSV '{path}' line {line}: empty path")
-            annotation = (path.parent / row["annotation"]).resolve() if row.get("annotation") else None
-            sources.append(SlideSource(slide, row.get("slide_id") or slide_id_of(slide), label, split,
-                                       annotation, row.get("group", "")))
+            extra = row.get("annotation") or row.get("mask")
+            annotation = (path.parent / extra).resolve() if extra else None
+            item_id = row.get("id") or row.get("slide_id") or row.get("volume_id") or None
+            sources.append(source_for(slide, label, split, annotation, row.get("group", ""), item_id))
     return sources
 
 
 def resolve_sources(paths: list[str], manifest_csv: Path | None = None, label: str = "normal",
-                    split: str = "train", group: str = "") -> list[SlideSource]:
-    """Paths, globs and folders (their slide files), plus the rows of a manifest CSV."""
+                    split: str = "train", group: str = "") -> list[Source]:
+    """Paths, globs and folders (their slide and NIfTI files; a folder of .dcm files is one DICOM
+    series), plus the rows of a manifest CSV."""
+    from data_plane.volumes import VOLUME_SUFFIXES, is_volume_path
+
     sources = read_manifest_csv(Path(manifest_csv)) if manifest_csv else []
     for text in paths:
-        if Path(text).is_dir():
-            matches = sorted(str(p) for p in Path(text).iterdir() if p.name.lower().endswith(SLIDE_SUFFIXES))
+        if Path(text).is_dir() and not is_volume_path(Path(text)):
+            matches = sorted(str(p) for p in Path(text).iterdir()
+                             if p.name.lower().endswith(SLIDE_SUFFIXES + VOLUME_SUFFIXES) or is_volume_path(p))
         else:
             matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
         # A missing path stays in the list: it fails with its reason while the others are ingested.
-        sources += [SlideSource(Path(m).resolve(), slide_id_of(Path(m)), label, split, None, group)
-                    for m in matches]
+        sources += [source_for(Path(m).resolve(), label, split, None, group) for m in matches]
     return sources
 
 
@@ -208,7 +225,7 @@ def _write_reduced(parent, array, parent_grid: np.ndarray, chunk: int, threads: 
     return grid
 
 
-def _tile_rows(source: SlideSource, shape0: tuple[int, int], levels: int, factor: float, config: DataConfig,
+def _tile_rows(source: Source, shape0: tuple[int, int], levels: int, factor: float, config: DataConfig,
                tissue: np.ndarray, tissue_ds: int, anomaly: np.ndarray | None, anomaly_ds: int):
     import pyarrow as pa
 
@@ -233,7 +250,7 @@ def _tile_rows(source: SlideSource, shape0: tuple[int, int], levels: int, factor
         label = np.full(len(yy), source.label)
     n = len(yy)
     return pa.table({
-        "slide_id": pa.array([source.slide_id] * n, pa.string()),
+        "slide_id": pa.array([source.item_id] * n, pa.string()),
         "level": pa.array(np.full(n, level), pa.int8()),
         "y": pa.array(np.round(yy).astype(np.int64)),                   # level-0 pixels
         "x": pa.array(np.round(xx).astype(np.int64)),                   # level-0 pixels
@@ -247,7 +264,7 @@ def _tile_rows(source: SlideSource, shape0: tuple[int, int], levels: int, factor
     })
 
 
-def ingest_slide(source: SlideSource, store: str, config: DataConfig,
+def ingest_slide(source: Source, store: str, config: DataConfig,
                  progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Ingest one slide; returns its manifest entry. Raises IngestError with a reason on failure."""
     import openslide
@@ -289,7 +306,7 @@ def ingest_slide(source: SlideSource, store: str, config: DataConfig,
                                          source=f"annotation '{source.annotation.name}' of '{source.path.name}'")
             anomaly = np.logical_or.reduce(list(annotation_masks.values())) if annotation_masks else None
 
-        partial = root / ".partial" / source.slide_id
+        partial = root / ".partial" / source.item_id
         shutil.rmtree(partial, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(partial), mode="w")
@@ -311,7 +328,7 @@ def ingest_slide(source: SlideSource, store: str, config: DataConfig,
         def advance(n: int) -> None:
             nonlocal done
             done += n
-            progress(source.slide_id, min(done, total), total)
+            progress(source.item_id, min(done, total), total)
 
         stain = None
         if config.stain.method != "none" and config.stain.apply == "ingest":
@@ -340,7 +357,7 @@ def ingest_slide(source: SlideSource, store: str, config: DataConfig,
                           anomaly, config.annotations.downsample)
         sha256 = digest.result()
         group.attrs.update({
-            "ome": ome_multiscales(source.slide_id, len(shapes), mpp0),
+            "ome": ome_multiscales(source.item_id, len(shapes), mpp0),
             "tessera": {"source": str(source.path), "sha256": sha256,
                         "vendor": props.get(openslide.PROPERTY_NAME_VENDOR), "mpp": mpp0,
                         "objective_power": power0, "label": source.label, "split": source.split,
@@ -349,9 +366,9 @@ def ingest_slide(source: SlideSource, store: str, config: DataConfig,
         })
     slide.close()
 
-    final = root / "slides" / source.slide_id
+    final = root / "slides" / source.item_id
     if final.exists():  # a changed source file replaces its old version, which is removed after the swap
-        stale = root / ".partial" / f"{source.slide_id}.replaced"
+        stale = root / ".partial" / f"{source.item_id}.replaced"
         shutil.rmtree(stale, ignore_errors=True)
         final.rename(stale)
         partial.rename(final)
@@ -360,22 +377,28 @@ def ingest_slide(source: SlideSource, store: str, config: DataConfig,
         partial.rename(final)
     # The slide's index rows follow its pixels; until the driver records it done, a rerun redoes it.
     (root / "index").mkdir(exist_ok=True)
-    atomic_write_parquet(rows, root / "index" / f"{source.slide_id}.parquet")
-    progress(source.slide_id, total, total)
+    atomic_write_parquet(rows, root / "index" / f"{source.item_id}.parquet")
+    progress(source.item_id, total, total)
     return {"status": "done", "source": str(source.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "sha256": sha256, "tiles": rows.num_rows, "levels": len(shapes),
-            "seconds": round(time.time() - started, 2), "config": config_digest(config)}
+            "seconds": round(time.time() - started, 2)}
 
 
-def ingest_slide_safely(source: SlideSource, store: str, config: DataConfig, progress=None) -> dict:
-    """:func:`ingest_slide` that never raises: failures come back as entries with a reason."""
+def ingest_item_safely(source: Source, store: str, config: DataConfig, progress=None) -> dict:
+    """Ingest one slide or volume, never raising: failures come back as entries with a reason."""
     try:
-        return ingest_slide(source, store, config, progress)
+        if source.kind == "volume":
+            from data_plane.volumes import ingest_volume
+
+            entry = ingest_volume(source, store, config, progress)
+        else:
+            entry = ingest_slide(source, store, config, progress)
+        return {**entry, "kind": source.kind, "config": config_digest(config)}
     except Exception as exc:
         reason = str(exc) if isinstance(exc, (IngestError, ValueError)) else \
             f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
-        shutil.rmtree(Path(store) / ".partial" / source.slide_id, ignore_errors=True)
-        return {"status": "failed", "source": str(source.path), "reason": reason}
+        shutil.rmtree(Path(store) / ".partial" / source.item_id, ignore_errors=True)
+        return {"status": "failed", "kind": source.kind, "source": str(source.path), "reason": reason}
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -386,22 +409,24 @@ class IngestReport:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     tiles: int = 0
+    volumes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _unchanged(entry: dict | None, source: SlideSource, root: Path, digest: str) -> bool:
+def _unchanged(entry: dict | None, source: Source, root: Path, digest: str) -> bool:
     if not entry or entry.get("status") != "done" or entry.get("config") != digest:
         return False
-    complete = (root / "slides" / source.slide_id / "zarr.json").is_file() and \
-        (root / "index" / f"{source.slide_id}.parquet").is_file()
-    if not complete or not source.path.is_file():
+    folder, index = ("volumes", "volume_index") if source.kind == "volume" else ("slides", "index")
+    complete = (root / folder / source.item_id / "zarr.json").is_file() and \
+        (root / index / f"{source.item_id}.parquet").is_file()
+    if not complete or not source.path.exists():
         return False
     stat = source.path.stat()
-    if entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+    if entry.get("mtime_ns") == stat.st_mtime_ns and (source.path.is_dir() or entry.get("size") == stat.st_size):
         return True
-    return entry.get("size") == stat.st_size and _sha256(source.path) == entry.get("sha256")
+    return source.path.is_file() and entry.get("size") == stat.st_size and _sha256(source.path) == entry.get("sha256")
 
 
 class _Lock:
@@ -427,7 +452,7 @@ class _Lock:
         self.path.unlink(missing_ok=True)
 
 
-def ingest(sources: list[SlideSource], store: str | Path, config: DataConfig, workers: int | None = None,
+def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers: int | None = None,
            ray_address: str | None = None, show_progress: bool = True) -> IngestReport:
     """Ingest every source not already in the store; failures are recorded, the others finish."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -442,16 +467,16 @@ def ingest(sources: list[SlideSource], store: str | Path, config: DataConfig, wo
         manifest = Manifest(root)
         manifest.data["config"] = config.model_dump(mode="json")
         seen: dict[str, Path] = {}
-        todo: list[SlideSource] = []
+        todo: list[Source] = []
         for source in sources:
-            if source.slide_id in seen:
-                reason = (f"slide id '{source.slide_id}' is already used by '{seen[source.slide_id]}'; "
-                          f"rename one file or give it a slide_id in the manifest CSV")
-                report.failed[f"{source.slide_id} ({source.path})"] = reason
+            if source.item_id in seen:
+                reason = (f"id '{source.item_id}' is already used by '{seen[source.item_id]}'; "
+                          f"rename one file or give it an id in the manifest CSV")
+                report.failed[f"{source.item_id} ({source.path})"] = reason
                 continue
-            seen[source.slide_id] = source.path
-            if _unchanged(manifest.items.get(source.slide_id), source, root, digest):
-                report.skipped.append(source.slide_id)
+            seen[source.item_id] = source.path
+            if _unchanged(manifest.items.get(source.item_id), source, root, digest):
+                report.skipped.append(source.item_id)
             else:
                 todo.append(source)
 
@@ -460,31 +485,32 @@ def ingest(sources: list[SlideSource], store: str | Path, config: DataConfig, wo
             overall = bar.add_task(f"ingest -> {root.name}", total=len(todo))
             per_slide: dict[str, int] = {}
 
-            def slide_progress(slide_id: str, done: int, total: int) -> None:
-                if slide_id not in per_slide:
-                    per_slide[slide_id] = bar.add_task(f"  {slide_id}", total=total)
-                bar.update(per_slide[slide_id], completed=done, total=total)
+            def item_progress(item_id: str, done: int, total: int) -> None:
+                if item_id not in per_slide:
+                    per_slide[item_id] = bar.add_task(f"  {item_id}", total=total)
+                bar.update(per_slide[item_id], completed=done, total=total)
 
-            def finish(source: SlideSource, entry: dict) -> None:
-                manifest.record(source.slide_id, entry)
+            def finish(source: Source, entry: dict) -> None:
+                manifest.record(source.item_id, entry)
                 if entry["status"] == "done":
-                    report.done.append(source.slide_id)
+                    report.done.append(source.item_id)
                 else:
-                    report.failed[source.slide_id] = entry["reason"]
+                    report.failed[source.item_id] = entry["reason"]
                 bar.advance(overall)
 
             if workers <= 1 or len(todo) <= 1 and ray_address is None:
                 for source in todo:
-                    finish(source, ingest_slide_safely(source, str(root), config, slide_progress))
+                    finish(source, ingest_item_safely(source, str(root), config, item_progress))
             else:
                 _ingest_with_ray(todo, root, config, workers, ray_address, finish)
 
         report.tiles = rebuild_tile_index(root)
+        report.volumes = rebuild_volume_index(root)
         manifest.save()
     return report
 
 
-def _ingest_with_ray(todo: list[SlideSource], root: Path, config: DataConfig, workers: int,
+def _ingest_with_ray(todo: list[Source], root: Path, config: DataConfig, workers: int,
                      ray_address: str | None, finish) -> None:
     import ray
 
@@ -496,7 +522,7 @@ def _ingest_with_ray(todo: list[SlideSource], root: Path, config: DataConfig, wo
             ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
                      _temp_dir=os.environ.get("RAY_TMPDIR"))
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(ingest_slide_safely)
+        task = ray.remote(num_cpus=1, max_retries=0)(ingest_item_safely)
         pending = {task.remote(source, str(root), config): source for source in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

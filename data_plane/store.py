@@ -12,6 +12,8 @@ Layout (see ../shared/DESIGN.md)::
           heatmaps/<run>        float32 score maps written by evaluation
       index/<slide_id>.parquet  each slide's rows of the tile index (outside the Zarr hierarchy)
       tiles.parquet             every complete slide's rows (rebuilt after each ingest)
+      volumes/<volume_id>/      image (z, y, x) float32, mask, scores/<run> (see data_plane/volumes.py)
+      volume_index/<id>.parquet, volumes.parquet   one row per volume, like the tile index
       manifest.json             ingest version, config, per-slide status (done / failed + reason)
 
 **Coordinates are level-0 pixels (y, x) everywhere**: in tiles.parquet, in stream outputs
@@ -130,6 +132,24 @@ def rebuild_tile_index(store: str | Path) -> int:
               if (root / "index" / f"{sid}.parquet").is_file()]
     table = pa.concat_tables(tables) if tables else pa.table({})
     atomic_write_parquet(table, root / "tiles.parquet")
+    return table.num_rows
+
+
+def rebuild_volume_index(store: str | Path) -> int:
+    """Concatenate every complete volume's row into the store's ``volumes.parquet``; returns the count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = store_path(store)
+    folder = root / "volumes"
+    ids = sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
+    tables = [pq.read_table(root / "volume_index" / f"{vid}.parquet") for vid in ids
+              if (root / "volume_index" / f"{vid}.parquet").is_file()]
+    if not tables:
+        (root / "volumes.parquet").unlink(missing_ok=True)
+        return 0
+    table = pa.concat_tables(tables)
+    atomic_write_parquet(table, root / "volumes.parquet")
     return table.num_rows
 
 

@@ -190,12 +190,45 @@ def augmentation(preset: str, seed: int):
     return Compose(transforms).set_random_state(seed=seed)
 
 
-class TileStream(IterableDataset):
-    """Training stream over the store's tile index: filtered, shuffled per epoch, sharded, augmented.
+class ShardedStream(IterableDataset):
+    """An epoch-shuffled, rank × worker sharded stream over ``num_items()`` items (see module doc).
 
     ``rank`` / ``world_size`` come from the trainer (the one place that knows them); dataloader
     workers are found with ``get_worker_info``. Call :meth:`set_epoch` before each epoch.
     """
+
+    seed: int = 0
+    shuffle: bool = True
+
+    def num_items(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """Item indices of one epoch, before sharding (same on every rank and worker)."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return np.arange(self.num_items())
+        return np.random.default_rng((self.seed, epoch)).permutation(self.num_items())
+
+    def my_share(self) -> np.ndarray:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return shard(self.epoch_order(), self.rank, self.world_size, worker, workers)
+
+    def __len__(self) -> int:
+        """Items this rank reads in the current epoch (all its dataloader workers together)."""
+        return len(shard(self.epoch_order(), self.rank, self.world_size, 0, 1))
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        """Randomness of one item in one epoch (crops, patch positions, partners): reproducible anywhere."""
+        return np.random.default_rng((self.seed, self.epoch, int(index)))
+
+
+class TileStream(ShardedStream):
+    """Training stream over the store's tile index: filtered, shuffled per epoch, sharded, augmented."""
 
     def __init__(self, store: str | Path, config: StreamConfig, stain: StainConfig | None = None,
                  rank: int = 0, world_size: int = 1, epoch: int = 0, shuffle: bool = True):
@@ -204,6 +237,7 @@ class TileStream(IterableDataset):
         self.stain = stain
         self.rank, self.world_size = rank, world_size
         self.epoch = epoch
+        self.seed = config.seed
         self.shuffle = shuffle
         self.tiles = select_tiles(read_tile_index(store), config)
         if len(self.tiles) == 0:
@@ -212,8 +246,8 @@ class TileStream(IterableDataset):
                              f"min_tissue_fraction={config.min_tissue_fraction})")
         self._loader = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def num_items(self) -> int:
+        return len(self.tiles)
 
     def _rows(self) -> list:
         # Plain tuples: pandas' per-row indexing costs more than decoding a small tile.
@@ -222,11 +256,7 @@ class TileStream(IterableDataset):
         return self._row_tuples
 
     def epoch_order(self, epoch: int | None = None) -> np.ndarray:
-        """Row indices of one epoch, before sharding (same on every rank and worker)."""
-        epoch = self.epoch if epoch is None else epoch
-        order = np.arange(len(self.tiles))
-        if self.shuffle:
-            order = np.random.default_rng((self.config.seed, epoch)).permutation(len(self.tiles))
+        order = super().epoch_order(epoch)
         cap = self.config.max_tiles_per_slide
         if cap is not None:
             slides = self.tiles["slide_id"].to_numpy()[order]
@@ -238,15 +268,6 @@ class TileStream(IterableDataset):
             order = order[keep]
         return order
 
-    def my_share(self) -> np.ndarray:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return shard(self.epoch_order(), self.rank, self.world_size, worker, workers)
-
-    def __len__(self) -> int:
-        """Tiles this rank reads in the current epoch (all its dataloader workers together)."""
-        return len(shard(self.epoch_order(), self.rank, self.world_size, 0, 1))
-
     def __iter__(self):
         if self._loader is None:
             self._loader = _TileLoader(self.store, self.config.crop, self.config.crop_size, self.stain,
@@ -257,8 +278,7 @@ class TileStream(IterableDataset):
                                  % 2**31)
         rows = self._rows()
         for index in self.my_share():
-            rng = np.random.default_rng((self.config.seed, self.epoch, int(index)))
-            item = self._loader.load(rows[index], int(index), rng)
+            item = self._loader.load(rows[index], int(index), self.item_rng(index))
             if transform is not None:
                 item.update(transform({k: item[k] for k in ("image", "mask") if k in item}))
                 item["image"] = torch.as_tensor(item["image"]).float()

@@ -76,10 +76,10 @@ def sample_data(dest: Optional[Path] = typer.Option(
 
 
 @app.command()
-def ingest(sources: list[str] = typer.Argument(None, help="Slide files, folders or globs ('slides/*.svs').",
+def ingest(sources: list[str] = typer.Argument(None, help="Slides, NIfTI files, DICOM folders, folders or globs.",
                                               show_default=False),
            store: Optional[str] = typer.Option(None, help="Zarr store to fill; default data.store of the config."),
-           manifest: Optional[Path] = typer.Option(None, help="CSV with columns path,label,split,annotation,group."),
+           manifest: Optional[Path] = typer.Option(None, help="CSV: path,label,split,annotation|mask,group[,id]."),
            workers: Optional[int] = typer.Option(None, help="Slides in parallel (Ray tasks when > 1)."),
            ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of a local runtime."),
            label: str = typer.Option("normal", help="Label of slides given as paths: normal or anomalous."),
@@ -87,7 +87,7 @@ def ingest(sources: list[str] = typer.Argument(None, help="Slide files, folders 
            group: str = typer.Option("", help="Group of slides given as paths."),
            config: Optional[Path] = typer.Option(None, help="YAML recipe whose data section is used."),
            overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
-    """Ingest slides into a Zarr store: pyramid, tissue mask, annotations, tile index. Resumable."""
+    """Ingest slides (pyramid, tissue mask, annotations, tile index) and volumes into a Zarr store. Resumable."""
     from rich.console import Console
 
     from data_plane.ingest import IngestError, SourceError, ingest as run_ingest, resolve_sources
@@ -105,11 +105,29 @@ def ingest(sources: list[str] = typer.Argument(None, help="Slide files, folders 
         _fail(str(exc))
     console = Console()
     console.print(f"ingested {len(report.done)}, already present {len(report.skipped)}, "
-                  f"failed {len(report.failed)}; tile index holds {report.tiles} tiles "
-                  f"({store or resolved.data.store}/tiles.parquet)")
+                  f"failed {len(report.failed)}; the store holds {report.tiles} indexed tiles and "
+                  f"{report.volumes} volumes ({store or resolved.data.store})")
     if report.failed:
         lines = "\n".join(f"  {slide}: {reason}" for slide, reason in report.failed.items())
-        _fail(f"{len(report.failed)} slide(s) failed (recorded in manifest.json; rerun to retry):\n{lines}", code=1)
+        _fail(f"{len(report.failed)} item(s) failed (recorded in manifest.json; rerun to retry):\n{lines}", code=1)
+
+
+bench_app = typer.Typer(help="Build benchmarks with known anomalies from real sample data.", no_args_is_help=True)
+app.add_typer(bench_app, name="make-benchmark")
+
+
+@bench_app.command("brain")
+def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfTI images, labels, manifest.csv)."),
+                         subjects: int = typer.Option(20, min=5, help="Number of subjects."),
+                         resolution: int = typer.Option(2, min=1, max=2, help="MNI152 resolution in mm: 1 or 2."),
+                         seed: int = typer.Option(0, help="Seed of deformations and outliers.")) -> None:
+    """Brain MRI subjects from the MNI152 template, with MOOD's five outlier kinds in the test split."""
+    from data_plane.benchmarks import make_brain_benchmark, split_counts
+
+    manifest = make_brain_benchmark(out, subjects, resolution, seed)
+    train, normal, anomalous = split_counts(subjects)
+    typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous) "
+               f"-> {manifest}; ingest with: tessera ingest --manifest {manifest} --store STORE")
 
 
 @app.command()

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from data_plane.ingest import SlideSource, ingest, read_manifest_csv, resolve_sources, SourceError
+from data_plane.ingest import Source, ingest, read_manifest_csv, resolve_sources, SourceError
 from data_plane.store import LevelReader
 
 
@@ -115,7 +115,7 @@ def test_bad_inputs_fail_alone_with_reasons(tmp_path, make_slide, sample_data, d
     duplicate = make_slide(other / "good.svs", height=1024, width=1024, centre=(512, 512), radius=400)
     sources = resolve_sources([str(good), str(blank), str(truncated), str(corrupt), str(not_a_slide), str(duplicate),
                                str(tmp_path / "missing.svs")])
-    sources.append(SlideSource(good, "annotated", "anomalous", "test", outside, "tumor"))
+    sources.append(Source(good, "annotated", "anomalous", "test", outside, "tumor"))
     store = tmp_path / "s.zarr"
     report = ingest(sources, store, data_config(), show_progress=False)
     assert report.done == ["good"]
@@ -144,7 +144,7 @@ def test_cli_exits_nonzero_listing_failures(tmp_path, make_slide):
     result = CliRunner().invoke(app, ["ingest", str(good), str(tmp_path / "bad.svs"),
                                       "--store", str(tmp_path / "s.zarr")])
     assert result.exit_code == 1
-    assert "1 slide(s) failed" in result.output and "bad:" in result.output
+    assert "1 item(s) failed" in result.output and "bad:" in result.output
     assert "ingested 1" in result.output
 
 
@@ -153,7 +153,7 @@ def test_manifest_csv(tmp_path, make_slide):
     csv = tmp_path / "slides.csv"
     csv.write_text("path,label,split,annotation,group\na.svs,anomalous,val,,metastasis\n")
     (source,) = read_manifest_csv(csv)
-    assert (source.slide_id, source.label, source.split, source.group) == ("a", "anomalous", "val", "metastasis")
+    assert (source.item_id, source.label, source.split, source.group) == ("a", "anomalous", "val", "metastasis")
     csv.write_text("path,lable\na.svs,normal\n")
     with pytest.raises(SourceError, match="columns must be among"):
         read_manifest_csv(csv)

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_plane.config import StreamConfig
-from data_plane.ingest import SlideSource, ingest
+from data_plane.ingest import Source, ingest
 from data_plane.stream import GridStream, TileStream, shard
 
 
@@ -105,7 +105,7 @@ def test_annotation_masks_label_tiles_and_crop_with_the_image(tmp_path, make_sli
                    "</Annotations></ASAP_Annotations>")
     store = tmp_path / "s.zarr"
     config = data_config("data.tiles.magnification=null", "data.tiles.size=256")
-    report = ingest([SlideSource(slide, "tumour", "anomalous", "test", xml, "metastasis")], store, config,
+    report = ingest([Source(slide, "tumour", "anomalous", "test", xml, "metastasis")], store, config,
                     show_progress=False)
     assert report.done == ["tumour"], report.failed
     tiles = pd.read_parquet(store / "tiles.parquet")
@@ -133,7 +133,7 @@ def test_geojson_annotations(tmp_path, make_slide, data_config):
     path = tmp_path / "q.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     store = tmp_path / "s.zarr"
-    report = ingest([SlideSource(slide, "q", "anomalous", "test", path, "")], store,
+    report = ingest([Source(slide, "q", "anomalous", "test", path, "")], store,
                     data_config("data.tiles.magnification=null"), show_progress=False)
     assert report.done == ["q"]
     assert (store / "slides" / "q" / "annotations" / "tumor" / "zarr.json").is_file()

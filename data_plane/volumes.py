@@ -1,0 +1,197 @@
+"""Volumes (NIfTI files, DICOM series folders) into the store, and scores written back out.
+
+Stored as ``volumes/<id>/image``: float32 (z, y, x) after reorientation to RAS, so that
+``image[k, j, i]`` is voxel (i, j, k) of the RAS image whose affine is ``attrs["tessera"]["affine"]``;
+intensities clipped to percentiles and scaled to [0, 1] (the values used are recorded). An optional
+voxel mask sits beside it as ``mask`` (uint8). The input's own affine and shape are kept so that
+scores can be written back in the input's grid (MOOD's contract).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_plane.config import DataConfig
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_volume_path(path: Path) -> bool:
+    name = path.name.lower()
+    if name.endswith(VOLUME_SUFFIXES):
+        return True
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def volume_id_of(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _load(path: Path, what: str):
+    """A (1, i, j, k) MetaTensor in RAS via MONAI; errors say what was wrong with which file."""
+    from monai.transforms import LoadImage, Orientation
+
+    from data_plane.ingest import IngestError
+
+    if not path.exists():
+        raise IngestError(f"{what} '{path}' does not exist")
+    reader = "PydicomReader" if path.is_dir() else "NibabelReader"
+    try:
+        image = LoadImage(image_only=True, ensure_channel_first=False, reader=reader)(str(path))
+    except Exception as exc:
+        hint = "corrupt or truncated gzip?" if path.name.endswith(".gz") else "corrupt or not a volume?"
+        raise IngestError(f"{what} '{path.name}' could not be read ({hint}): {type(exc).__name__}: {exc}") from exc
+    shape = tuple(image.shape)
+    if len(shape) == 4 and shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim != 3:
+        raise IngestError(f"{what} '{path.name}' has shape {shape}: a 3D volume was expected "
+                          f"({'4D series' if image.ndim == 4 else f'{image.ndim}D image'}); split it first")
+    original_affine = np.asarray(image.affine, np.float64)
+    image = Orientation(axcodes="RAS")(image[None])
+    return image, original_affine, shape
+
+
+def _normalise(voxels: np.ndarray, config) -> tuple[np.ndarray, dict]:
+    values = voxels[voxels != 0] if config.nonzero_only and (voxels != 0).any() else voxels.ravel()
+    low, high = np.percentile(values, config.percentiles)
+    scale = float(high - low) if high > low else 1.0
+    out = ((np.clip(voxels, low, high) - low) / scale).astype(np.float32)
+    if config.nonzero_only:
+        out[voxels == 0] = 0.0  # background stays exactly 0
+    return out, {"clip_low": float(low), "clip_high": float(high), "percentiles": list(config.percentiles)}
+
+
+def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict:
+    """Ingest one volume (and its mask); returns its manifest entry. Raises IngestError on failure."""
+    import shutil
+
+    import zarr
+    from monai.transforms import Spacing
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    from data_plane.ingest import IngestError, _sha256
+    from data_plane.store import atomic_write_parquet
+
+    started = time.time()
+    root = Path(store)
+    image, original_affine, original_shape = _load(source.path, "volume")
+    stat_size = sum(p.stat().st_size for p in source.path.iterdir()) if source.path.is_dir() else source.path.stat().st_size
+    mask = None
+    if source.annotation is not None:
+        mask, _, mask_shape = _load(source.annotation, "mask")
+        if mask_shape[:3] != original_shape[:3]:
+            raise IngestError(f"mask '{source.annotation.name}' has shape {mask_shape[:3]} but volume "
+                              f"'{source.path.name}' has {original_shape[:3]}: they must share one voxel grid")
+    spacing = config.volumes.spacing
+    if spacing is not None:
+        image = Spacing(pixdim=spacing, mode="bilinear")(image)
+        if mask is not None:
+            mask = Spacing(pixdim=spacing, mode="nearest")(mask)
+    affine = np.asarray(image.affine, np.float64)
+    voxels = np.asarray(image[0], np.float32).transpose(2, 1, 0)  # (i, j, k) -> (z, y, x)
+    normalised, record = _normalise(voxels, config.volumes)
+
+    partial = root / ".partial" / source.item_id
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(partial), mode="w")
+    chunk = config.volumes.chunk
+    compressor = BloscCodec(cname="zstd", clevel=config.ingest.compression_level, shuffle=BloscShuffle.shuffle)
+    chunks = tuple(min(chunk, s) for s in normalised.shape)
+    group.create_array("image", data=normalised, chunks=chunks, compressors=compressor,
+                       dimension_names=["z", "y", "x"])
+    if mask is not None:
+        group.create_array("mask", data=(np.asarray(mask[0]).transpose(2, 1, 0) > 0.5).astype(np.uint8),
+                           chunks=chunks, compressors=compressor, dimension_names=["z", "y", "x"])
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))  # voxel size along i, j, k in mm
+    sha256 = _sha256(source.path) if source.path.is_file() else None
+    group.attrs["tessera"] = {
+        "source": str(source.path), "sha256": sha256, "kind": "volume", "label": source.label,
+        "split": source.split, "group": source.group, "orientation": "RAS", "axes": "zyx",
+        "affine": affine.tolist(), "spacing_xyz": zooms.tolist(), "shape_zyx": list(normalised.shape),
+        "original_affine": original_affine.tolist(), "original_shape": list(original_shape[:3]),
+        "normalisation": record, "has_mask": mask is not None,
+        # Non-zero fraction of every slice along z, y and x: slice streams skip empty ones without reading.
+        "slice_foreground": [np.round((normalised > 0).mean(axis=axes), 4).tolist()
+                             for axes in ((1, 2), (0, 2), (0, 1))],
+    }
+    final = root / "volumes" / source.item_id
+    final.parent.mkdir(exist_ok=True)
+    if not (final.parent / "zarr.json").exists():
+        zarr.open_group(str(final.parent), mode="a")
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    import pyarrow as pa
+
+    row = pa.table({"volume_id": [source.item_id], "shape_z": [normalised.shape[0]],
+                    "shape_y": [normalised.shape[1]], "shape_x": [normalised.shape[2]],
+                    "label": [source.label], "split": [source.split], "group": [source.group],
+                    "has_mask": [mask is not None]})
+    (root / "volume_index").mkdir(exist_ok=True)
+    atomic_write_parquet(row, root / "volume_index" / f"{source.item_id}.parquet")
+    if progress:
+        progress(source.item_id, 1, 1)
+    return {"status": "done", "kind": "volume", "source": str(source.path), "size": stat_size,
+            "mtime_ns": source.path.stat().st_mtime_ns, "sha256": sha256, "shape_zyx": list(normalised.shape),
+            "seconds": round(time.time() - started, 2)}
+
+
+def write_volume_scores(store, volume_id: str, run: str, scores_zyx: np.ndarray, sample_score: float,
+                        out_dir: str | Path | None = None) -> dict:
+    """Store a voxel score volume (in the store's grid) and, with ``out_dir``, MOOD's outputs.
+
+    ``out_dir/pixel/<case>.nii.gz`` holds the scores resampled to the input's own shape and affine;
+    ``out_dir/sample/<case>.txt`` holds the sample score.
+    """
+    import nibabel
+    import zarr
+    from nibabel.processing import resample_from_to
+
+    from data_plane.store import store_path
+
+    group = zarr.open_group(str(store_path(store) / "volumes" / volume_id), mode="a")
+    info = group.attrs["tessera"]
+    scores_zyx = np.asarray(scores_zyx, np.float32)
+    if list(scores_zyx.shape) != info["shape_zyx"]:
+        raise ValueError(f"scores of shape {scores_zyx.shape} do not match volume '{volume_id}' "
+                         f"({tuple(info['shape_zyx'])})")
+    array = group.create_array(f"scores/{run}", shape=scores_zyx.shape, dtype="float32", overwrite=True,
+                               chunks=group["image"].chunks, dimension_names=["z", "y", "x"])
+    array[:] = scores_zyx
+    array.attrs.update({"sample_score": float(sample_score), "run": run})
+    written = {"zarr": f"volumes/{volume_id}/scores/{run}"}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        (out_dir / "pixel").mkdir(parents=True, exist_ok=True)
+        (out_dir / "sample").mkdir(parents=True, exist_ok=True)
+        ras = nibabel.Nifti1Image(scores_zyx.transpose(2, 1, 0), np.asarray(info["affine"]))
+        target = (tuple(info["original_shape"]), np.asarray(info["original_affine"]))
+        back = resample_from_to(ras, target, order=1)
+        case = Path(info["source"]).name
+        case = case if case.endswith((".nii.gz", ".nii")) else case + ".nii.gz"
+        nifti = nibabel.Nifti1Image(np.asarray(back.dataobj, np.float32), target[1])
+        nifti.to_filename(str(out_dir / "pixel" / case))
+        (out_dir / "sample" / f"{case}.txt").write_text(f"{float(sample_score):.6f}\n")
+        written.update({"nifti": str(out_dir / "pixel" / case), "txt": str(out_dir / "sample" / f"{case}.txt")})
+    return written
+
+
+def volume_index(store):
+    """The store's volume index (one row per volume) as a pandas DataFrame."""
+    import pandas as pd
+
+    from data_plane.store import store_path
+
+    path = store_path(store) / "volumes.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"store '{store}' has no volumes.parquet: ingest volumes into it first")
+    return pd.read_parquet(path)

@@ -1,0 +1,85 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_plane.config import VolumeStreamConfig
+from data_plane.ingest import ingest, resolve_sources
+from data_plane.volume_stream import PairedSliceStream, PatchStream, SliceStream
+
+
+@pytest.fixture(scope="module")
+def brain_store(tmp_path_factory):
+    """A small real benchmark: 6 subjects from the 2 mm MNI152 template, ingested."""
+    from data_plane.benchmarks import make_brain_benchmark
+    from tessera.config import load_config
+
+    folder = tmp_path_factory.mktemp("brain")
+    manifest = make_brain_benchmark(folder / "bench", subjects=6, resolution=2, seed=1, show_progress=False)
+    report = ingest(resolve_sources([], manifest), folder / "s.zarr", load_config(None).data, show_progress=False)
+    assert len(report.done) == 6 and not report.failed, report.failed
+    return folder / "s.zarr"
+
+
+def indices(stream, workers):
+    return [int(i) for batch in DataLoader(stream, batch_size=3, num_workers=workers) for i in batch["index"]]
+
+
+@pytest.mark.parametrize("stream_class", [PatchStream, SliceStream, PairedSliceStream])
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2), (3, 1), (4, 3)])
+def test_volume_streams_cover_each_item_once(brain_store, stream_class, world_size, workers):
+    config = VolumeStreamConfig(splits=["train", "test"], patch_size=32, patches_per_volume=3, slice_size=64,
+                                slice_axis=0, seed=5)
+    seen = []
+    for rank in range(world_size):
+        stream = stream_class(brain_store, config, rank=rank, world_size=world_size, epoch=2)
+        got = indices(stream, workers)
+        assert len(got) == len(stream)
+        seen += got
+    assert sorted(seen) == list(range(stream.num_items()))
+
+
+def test_patches_are_read_where_they_say(brain_store):
+    import zarr
+
+    stream = PatchStream(brain_store, VolumeStreamConfig(patch_size=24, patches_per_volume=2))
+    for item in stream:
+        z, y, x = item["origin_zyx"].tolist()
+        volume = zarr.open_array(str(brain_store / "volumes" / item["volume_id"] / "image"), mode="r")
+        np.testing.assert_array_equal(item["image"][0].numpy(), volume[z:z + 24, y:y + 24, x:x + 24])
+    again = [i["origin_zyx"].tolist() for i in PatchStream(brain_store, VolumeStreamConfig(patch_size=24, patches_per_volume=2))]
+    first = [i["origin_zyx"].tolist() for i in stream]
+    assert again == first  # same seed and epoch, same patches
+    stream.set_epoch(1)
+    assert [i["origin_zyx"].tolist() for i in stream] != first
+
+
+def test_slices_skip_background_and_carry_masks(brain_store):
+    config = VolumeStreamConfig(splits=["test"], slice_axis=0, slice_size=128, min_foreground=0.05)
+    stream = SliceStream(brain_store, config, shuffle=False)
+    items = list(stream)
+    assert all(i["image"].shape == (1, 128, 128) and i["mask"].shape == (1, 128, 128) for i in items)
+    assert all(float((i["image"] > 0).float().mean()) > 0.02 for i in items)
+    anomalous = [i for i in items if i["target"] == 1]
+    assert anomalous and any(i["mask"].any() for i in anomalous)
+    assert not any(i["mask"].any() for i in items if i["target"] == 0)
+
+
+def test_paired_slices_pair_the_same_index_of_two_subjects(brain_store):
+    config = VolumeStreamConfig(splits=["train", "test"], slice_axis=0, slice_size=96, seed=3)
+    stream = PairedSliceStream(brain_store, config)
+    single = SliceStream(brain_store, config, shuffle=False)
+    for item in list(stream)[:10]:
+        assert item["partner_id"] != item["volume_id"]
+        row = stream.volumes[stream.volumes["volume_id"] == item["partner_id"]].iloc[0]
+        torch.testing.assert_close(item["image_b"][0], single.read_slice(row, item["slice"]))
+    partners = {e: [i["partner_id"] for i in (stream.set_epoch(e) or stream)] for e in (0, 1)}
+    assert partners[0] != partners[1]  # new pairs every epoch
+
+
+def test_benchmark_manifest_follows_the_split(tmp_path):
+    from data_plane.benchmarks import split_counts
+
+    assert split_counts(20) == (12, 2, 6)
+    assert split_counts(10) == (6, 1, 3)

@@ -1,0 +1,121 @@
+import gzip
+import json
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from data_plane.ingest import Source, ingest, read_manifest_csv, resolve_sources
+from data_plane.volumes import write_volume_scores
+
+NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
+
+
+def stored(store, volume_id, name="image"):
+    return zarr.open_array(str(Path(store) / "volumes" / volume_id / name), mode="r")
+
+
+def test_mni152_template_with_its_brain_mask(tmp_path, sample_data, data_config):
+    source = Source(sample_data.mni152_t1, "mni152", "normal", "train", sample_data.mni152_brain_mask, "", "volume")
+    report = ingest([source], tmp_path / "s.zarr", data_config(), show_progress=False)
+    assert report.done == ["mni152"] and report.volumes == 1
+    image, mask = stored(tmp_path / "s.zarr", "mni152"), stored(tmp_path / "s.zarr", "mni152", "mask")
+    assert image.shape == (189, 233, 197) and image.chunks == (64, 64, 64) and mask.shape == image.shape
+    voxels = image[:]
+    assert voxels.min() == 0.0 and voxels.max() == 1.0
+    brain = mask[:] > 0
+    assert 0.1 < brain.mean() < 0.4
+    assert voxels[brain].mean() > 3 * voxels[~brain].mean()  # the mask sits on the brain
+    info = zarr.open_group(str(tmp_path / "s.zarr" / "volumes" / "mni152"), mode="r").attrs["tessera"]
+    assert info["orientation"] == "RAS" and np.allclose(info["spacing_xyz"], 1.0)
+    assert info["normalisation"]["clip_high"] > info["normalisation"]["clip_low"]
+    row = pd.read_parquet(tmp_path / "s.zarr" / "volumes.parquet").iloc[0]
+    assert (row.volume_id, row.shape_z, row.has_mask) == ("mni152", 189, True)
+
+
+def test_any_orientation_is_stored_as_ras(tmp_path, data_config):
+    original = nibabel.load(NIBABEL_DATA / "anatomical.nii")
+    data = np.asarray(original.dataobj, np.float32)
+    # The same anatomy written with the first axis flipped (L instead of R): the stored arrays must agree.
+    flip = np.diag([-1.0, 1, 1, 1])
+    flip[0, 3] = data.shape[0] - 1
+    flipped = nibabel.Nifti1Image(data[::-1].copy(), original.affine @ flip)
+    flipped.to_filename(tmp_path / "flipped.nii.gz")
+    nibabel.Nifti1Image(data, original.affine).to_filename(tmp_path / "plain.nii.gz")
+    report = ingest(resolve_sources([str(tmp_path / "plain.nii.gz"), str(tmp_path / "flipped.nii.gz")]),
+                    tmp_path / "s.zarr", data_config(), show_progress=False)
+    assert sorted(report.done) == ["flipped", "plain"]
+    np.testing.assert_array_equal(stored(tmp_path / "s.zarr", "plain")[:], stored(tmp_path / "s.zarr", "flipped")[:])
+
+
+def test_resampling_to_a_target_spacing(tmp_path, data_config):
+    report = ingest(resolve_sources([str(NIBABEL_DATA / "standard.nii.gz")]), tmp_path / "s.zarr",
+                    data_config("data.volumes.spacing=[4.0, 4.0, 4.0]"), show_progress=False)
+    assert report.done == ["standard"]
+    info = zarr.open_group(str(tmp_path / "s.zarr" / "volumes" / "standard"), mode="r").attrs["tessera"]
+    assert np.allclose(info["spacing_xyz"], 4.0)
+    original = nibabel.load(NIBABEL_DATA / "standard.nii.gz")
+    zooms = np.array(original.header.get_zooms()[:3])
+    expected = np.round(np.array(original.shape) * zooms / 4.0)
+    assert np.all(np.abs(np.array(info["shape_zyx"][::-1]) - expected) <= 1)
+
+
+def test_bad_volumes_fail_alone_with_reasons(tmp_path, sample_data, data_config):
+    good = NIBABEL_DATA / "anatomical.nii"
+    corrupt = tmp_path / "corrupt.nii.gz"
+    whole = sample_data.mni152_t1.read_bytes()
+    corrupt.write_bytes(whole[: len(whole) // 2])  # a download cut off half way
+    four_d = NIBABEL_DATA / "example4d.nii.gz"
+    sources = [Source(good, "good", kind="volume"), Source(corrupt, "corrupt", kind="volume"),
+               Source(four_d, "four_d", kind="volume"),
+               Source(good, "mismatch", annotation=sample_data.mni152_brain_mask, kind="volume"),
+               Source(tmp_path / "missing.nii.gz", "missing", kind="volume")]
+    store = tmp_path / "s.zarr"
+    report = ingest(sources, store, data_config(), show_progress=False)
+    assert report.done == ["good"]
+    assert "could not be read (corrupt or truncated gzip?)" in report.failed["corrupt"]
+    assert "a 3D volume was expected" in report.failed["four_d"] and "4D" in report.failed["four_d"]
+    assert "must share one voxel grid" in report.failed["mismatch"]
+    assert "does not exist" in report.failed["missing"]
+    assert sorted(p.name for p in (store / "volumes").iterdir() if p.is_dir()) == ["good"]
+    manifest = json.loads((store / "manifest.json").read_text())["items"]
+    assert manifest["corrupt"]["status"] == "failed" and manifest["good"]["kind"] == "volume"
+    assert ingest(sources[:1], store, data_config(), show_progress=False).skipped == ["good"]
+
+
+def test_manifest_csv_with_volumes_and_slides(tmp_path, sample_data):
+    csv = tmp_path / "items.csv"
+    csv.write_text("path,label,split,mask,group\n"
+                   f"{sample_data.mni152_t1},normal,train,{sample_data.mni152_brain_mask},\n"
+                   f"{sample_data.slide},anomalous,test,,skin\n")
+    volume, slide = read_manifest_csv(csv)
+    assert (volume.kind, volume.item_id, volume.annotation) == ("volume", "mni152_t1_1mm", sample_data.mni152_brain_mask)
+    assert (slide.kind, slide.label, slide.group) == ("slide", "anomalous", "skin")
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_scores_go_back_to_the_inputs_grid(tmp_path, data_config, flipped):
+    original = nibabel.load(NIBABEL_DATA / "anatomical.nii")
+    data = np.asarray(original.dataobj, np.float32)
+    affine = original.affine
+    if flipped:
+        flip = np.diag([-1.0, 1, 1, 1])
+        flip[0, 3] = data.shape[0] - 1
+        data, affine = data[::-1].copy(), affine @ flip
+    path = tmp_path / "case.nii.gz"
+    nibabel.Nifti1Image(data, affine).to_filename(path)
+    store = tmp_path / "s.zarr"
+    ingest(resolve_sources([str(path)]), store, data_config(), show_progress=False)
+    image = stored(store, "case")[:]
+    written = write_volume_scores(store, "case", "probe", image, sample_score=0.75, out_dir=tmp_path / "out")
+    back = nibabel.load(written["nifti"])
+    assert back.shape == data.shape and np.allclose(back.affine, affine)
+    # The score volume was the normalised image itself: back in the input grid it follows the input.
+    assert np.corrcoef(np.asarray(back.dataobj).ravel(), data.ravel())[0, 1] > 0.99
+    assert Path(written["txt"]).read_text().strip() == "0.750000"
+    assert stored(store, "case", "scores/probe").attrs["sample_score"] == 0.75
+    with pytest.raises(ValueError, match="do not match volume"):
+        write_volume_scores(store, "case", "bad", image[1:], 0.0)
