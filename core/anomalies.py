@@ -51,8 +51,20 @@ def random_sphere(shape: tuple[int, ...], rng: np.random.Generator, radius_range
     """Centre and radius: radius ~ U(radius_range)·min(shape); centre inside ``foreground`` when given."""
     radius = float(rng.uniform(*radius_range) * min(shape))
     if foreground is not None and bool(foreground.any()):
-        candidates = torch.nonzero(foreground.reshape(shape)).cpu().numpy()
-        centre = candidates[rng.integers(len(candidates))].astype(float)
+        # A centre on the foreground's edge would put half the sphere on empty background: try a few
+        # centres and keep the first whose sphere lies >= 90% inside (else the best one).
+        foreground = foreground.reshape(shape)
+        candidates = torch.nonzero(foreground).cpu().numpy()
+        best, best_inside = None, -1.0
+        for _ in range(30):
+            centre = candidates[rng.integers(len(candidates))].astype(float)
+            sphere = sphere_mask(shape, centre, radius, foreground.device)
+            inside = float(foreground[sphere].float().mean())
+            if inside > best_inside:
+                best, best_inside = centre, inside
+            if inside >= 0.9:
+                break
+        centre = best
     else:
         centre = np.array([rng.uniform(radius, size - radius) if size > 2 * radius else size / 2 for size in shape])
     return centre, radius

@@ -1,4 +1,4 @@
-"""Benchmarks built from real data: `tessera make-benchmark brain` (and slide).
+"""Benchmarks built from real data: `tessera make-benchmark brain` and `tessera make-benchmark slide`.
 
 Brain: N subjects made from the real MNI152 template (nilearn) by a smooth random elastic
 deformation plus intensity and bias-field variation (MONAI random transforms), split like the FPI
@@ -113,3 +113,127 @@ def montage(examples: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> P
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+SLIDE_GROUPS = ("he_tissue", "ihc_tissue", "uniform_addition", "noise_addition", "sink_source", "uniform_shift",
+                "reflection")
+
+
+def _disc_polygon(cy: float, cx: float, radius: float, points: int = 48) -> list[list[float]]:
+    angles = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    ring = [[float(cx + radius * np.cos(a)), float(cy + radius * np.sin(a))] for a in angles]
+    return ring + [ring[0]]
+
+
+def _foreign_tissue(tile: np.ndarray, source: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple]:
+    """Paste a disc of another real tissue image into ``tile``; returns (tile, (cy, cx, radius))."""
+    size = tile.shape[0]
+    radius = rng.uniform(0.15, 0.3) * size
+    cy, cx = rng.uniform(radius, size - radius, 2)
+    sy, sx = rng.integers(0, source.shape[0] - size), rng.integers(0, source.shape[1] - size)
+    patch = source[sy:sy + size, sx:sx + size]
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    out = tile.copy()
+    out[inside] = patch[inside]
+    return out, (cy, cx, radius)
+
+
+def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, seed: int = 0) -> Path:
+    """Mosaic slides of real tissue tiles (normal, and one per anomaly group) with GeoJSON masks.
+
+    From the sample slide's tissue tiles: 60% make the normal training mosaic, the rest the normal
+    test mosaic; each group's mosaic holds ``per_group`` test tiles with one anomaly each. Also writes
+    ``manifest.csv`` and ``recipe.yaml`` (the data settings that index one tile per mosaic cell).
+    """
+    import json
+
+    import openslide
+    import torch
+    import yaml
+    from PIL import Image
+    from skimage import data as skdata
+
+    from core.anomalies import mood_outlier, random_sphere, sphere_mask
+    from data_plane.config import TissueConfig
+    from data_plane.sample_data import fetch_sample_data
+    from data_plane.tiff_writer import write_pyramidal_tiff
+    from data_plane.tissue import tissue_mask
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = fetch_sample_data()
+    with openslide.OpenSlide(str(samples.slide)) as slide:
+        width, height = slide.dimensions
+        pixels = np.asarray(slide.read_region((0, 0), 0, (width, height)).convert("RGB"))
+    with Image.open(samples.he_target) as image:
+        he_source = np.asarray(image.convert("RGB"))
+    ihc_source = skdata.immunohistochemistry()
+    mask = tissue_mask(pixels[::8, ::8], TissueConfig(closing_radius=2, opening_radius=1, min_object_px=16))
+    tiles = []
+    for y in range(0, height - tile + 1, tile):
+        for x in range(0, width - tile + 1, tile):
+            if mask[y // 8:(y + tile) // 8, x // 8:(x + tile) // 8].mean() >= 0.9:
+                tiles.append(pixels[y:y + tile, x:x + tile])
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(tiles))
+    n_train = int(0.6 * len(tiles))
+    train = [tiles[i] for i in order[:n_train]]
+    test = [tiles[i] for i in order[n_train:]]
+
+    def mosaic(name: str, cells: list[np.ndarray], anomalies: list[tuple] | None = None) -> Path:
+        columns = int(np.ceil(np.sqrt(len(cells))))
+        rows = int(np.ceil(len(cells) / columns))
+        canvas = np.full((rows * tile, columns * tile, 3), 255, np.uint8)
+        features = []
+        for index, cell in enumerate(cells):
+            r, c = divmod(index, columns)
+            canvas[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = cell
+            if anomalies:
+                cy, cx, radius = anomalies[index]
+                features.append({"type": "Feature", "properties": {"classification": {"name": "anomaly"}},
+                                 "geometry": {"type": "Polygon",
+                                              "coordinates": [_disc_polygon(r * tile + cy, c * tile + cx, radius)]}})
+        path = write_pyramidal_tiff(out / f"{name}.tiff", canvas.shape[0], canvas.shape[1],
+                                    lambda ys, xs: canvas[np.ix_(ys, xs)], mpp=0.5, objective_power=20,
+                                    min_level_side=256, quality=95)
+        if features:
+            (out / f"{name}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        return path
+
+    rows = [{"path": mosaic("train_normal", train).name, "label": "normal", "split": "train", "annotation": "",
+             "group": ""},
+            {"path": mosaic("test_normal", test).name, "label": "normal", "split": "test", "annotation": "",
+             "group": ""}]
+    for group in SLIDE_GROUPS:
+        cells, discs = [], []
+        for k in range(per_group):
+            base = test[int(rng.integers(len(test)))]
+            item_rng = np.random.default_rng((seed, SLIDE_GROUPS.index(group), k))
+            if group.endswith("_tissue"):
+                cell, disc = _foreign_tissue(base, he_source if group == "he_tissue" else ihc_source, item_rng)
+            else:
+                image = torch.from_numpy(base.copy()).permute(2, 0, 1).float() / 255
+                centre, radius = random_sphere((tile, tile), item_rng, (0.15, 0.3))
+                disc_mask = sphere_mask((tile, tile), centre, radius)
+                from core.anomalies import OUTLIERS
+
+                altered = OUTLIERS[group](image, disc_mask, item_rng, centre=centre, radius=radius)
+                cell = (altered.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+                disc = (float(centre[0]), float(centre[1]), radius)
+            cells.append(cell)
+            discs.append(disc)
+        path = mosaic(f"test_{group}", cells, discs)
+        rows.append({"path": path.name, "label": "anomalous", "split": "test", "annotation": f"test_{group}.geojson",
+                     "group": group})
+    manifest = out / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "annotation", "group"])
+        writer.writeheader()
+        writer.writerows(rows)
+    recipe = {"name": "slide-benchmark", "data": {
+        "tiles": {"size": tile, "magnification": None, "min_tissue_fraction": 0.5},
+        "annotations": {"downsample": 1, "anomalous_fraction": 0.01},
+        "stream": {"min_tissue_fraction": 0.5}}}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return manifest

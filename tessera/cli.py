@@ -130,6 +130,19 @@ def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfT
                f"-> {manifest}; ingest with: tessera ingest --manifest {manifest} --store STORE")
 
 
+@bench_app.command("slide")
+def make_benchmark_slide(out: Path = typer.Option(..., help="Output folder (mosaic slides, GeoJSON, manifest.csv, recipe.yaml)."),
+                         tile: int = typer.Option(128, min=32, help="Tile size in pixels."),
+                         per_group: int = typer.Option(12, min=1, help="Anomalous tiles per group."),
+                         seed: int = typer.Option(0, help="Seed of the split and the anomalies.")) -> None:
+    """Normal tissue tiles from the sample slide and tiles carrying foreign tissue or MOOD outliers, one group each."""
+    from data_plane.benchmarks import SLIDE_GROUPS, make_slide_benchmark
+
+    manifest = make_slide_benchmark(out, tile, per_group, seed)
+    typer.echo(f"groups {', '.join(SLIDE_GROUPS)} -> {manifest}; ingest with: tessera ingest --manifest {manifest} "
+               f"--store STORE --config {Path(out) / 'recipe.yaml'}")
+
+
 @app.command()
 def demo(config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml",
                                      help="Demo recipe."),

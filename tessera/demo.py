@@ -1,7 +1,7 @@
 """`tessera demo`: the whole pipeline on the real sample data, one stage after another.
 
 Stages so far: fetch the sample data and report what it is; ingest the sample slide into a store
-(pyramid, tissue mask, tile index) and draw its tissue mask. Each stage logs to the demo's run
+(pyramid, tissue mask, tile index) and draw its tissue mask; ingest the MNI152 brain volume. Each stage logs to the demo's run
 directory, so a failed demo leaves a record of how far it got.
 """
 
@@ -66,6 +66,18 @@ def run_demo(config, console: Console | None = None) -> Path:
                   f"tissue mask overlay: {overlay}", soft_wrap=True)
     run.log(f"ingest: {report.as_dict()}")
     run.metrics({"stage": "ingest", "tiles": report.tiles})
+
+    console.rule("3. ingest the sample brain volume")
+    from data_plane.ingest import Source
+
+    volume = Source(data.mni152_t1, "mni152_t1", "normal", "train", data.mni152_brain_mask, "", "volume")
+    report = ingest([volume], config.data.store, config.data)
+    if report.failed:
+        raise RuntimeError(f"volume ingest failed: {report.failed}")
+    console.print(f"  store {config.data.store}: {report.volumes} volume(s), MNI152 T1 in RAS with its brain mask "
+                  f"({'reused' if report.skipped else 'ingested'})", soft_wrap=True)
+    run.log(f"volume ingest: {report.as_dict()}")
+    run.metrics({"stage": "ingest_volume", "volumes": report.volumes})
 
     run.log("demo finished")
     run.close()

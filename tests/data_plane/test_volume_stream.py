@@ -83,3 +83,24 @@ def test_benchmark_manifest_follows_the_split(tmp_path):
 
     assert split_counts(20) == (12, 2, 6)
     assert split_counts(10) == (6, 1, 3)
+
+
+def test_slide_benchmark_ingests_into_labelled_groups(tmp_path, sample_data):
+    from data_plane.benchmarks import SLIDE_GROUPS, make_slide_benchmark
+    from data_plane.config import StreamConfig
+    from data_plane.stream import TileStream
+    from tessera.config import load_config
+
+    manifest = make_slide_benchmark(tmp_path / "bench", tile=128, per_group=6, seed=2)
+    config = load_config(tmp_path / "bench" / "recipe.yaml").data
+    report = ingest(resolve_sources([], manifest), tmp_path / "s.zarr", config, show_progress=False)
+    assert not report.failed and len(report.done) == 2 + len(SLIDE_GROUPS)
+    tiles = pd.read_parquet(tmp_path / "s.zarr" / "tiles.parquet")
+    assert set(tiles[tiles["split"] == "train"]["label"]) == {"normal"}
+    counts = tiles[tiles["label"] == "anomalous"].groupby("group").size()
+    assert set(counts.index) == set(SLIDE_GROUPS) and (counts >= 4).all()
+    stream = TileStream(tmp_path / "s.zarr", StreamConfig(splits=["test"], groups=["he_tissue"], labels=["anomalous"]),
+                        shuffle=False)
+    masks = [item["mask"] for item in stream]
+    assert all(m.shape == (1, 128, 128) for m in masks)
+    assert all(0.05 < m.float().mean() < 0.35 for m in masks)  # one disc of radius 0.15-0.3 tile per tile

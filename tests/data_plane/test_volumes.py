@@ -119,3 +119,58 @@ def test_scores_go_back_to_the_inputs_grid(tmp_path, data_config, flipped):
     assert stored(store, "case", "scores/probe").attrs["sample_score"] == 0.75
     with pytest.raises(ValueError, match="do not match volume"):
         write_volume_scores(store, "case", "bad", image[1:], 0.0)
+
+
+def write_dicom_series(folder: Path, volume: np.ndarray, spacing: float = 2.0) -> Path:
+    """A DICOM series (one file per axial slice) of ``volume`` (x, y, z), headers from pydicom's real MR slice."""
+    import copy
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    series = generate_uid()
+    folder.mkdir(parents=True)
+    for k in range(volume.shape[2]):
+        ds = copy.deepcopy(template)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        plane = volume[:, :, k].T.astype(np.int16)  # DICOM rows run along y, columns along x
+        ds.Rows, ds.Columns = plane.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = plane.tobytes()
+        ds.PixelSpacing = [spacing, spacing]
+        ds.SliceThickness = spacing
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing]
+        ds.InstanceNumber = k + 1
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for tag in ("RescaleSlope", "RescaleIntercept"):
+            if tag in ds:
+                delattr(ds, tag)
+        ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_dicom_series_folder_is_one_volume(tmp_path, data_config):
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=2)
+    volume = np.asarray(template.dataobj, np.float32)[::2, ::2, ::2]  # (50, 59, 48): small and quick
+    folder = write_dicom_series(tmp_path / "series_a", np.round(volume).astype(np.int16))
+    sources = resolve_sources([str(folder)])
+    assert [(s.kind, s.item_id) for s in sources] == [("volume", "series_a")]
+    report = ingest(sources, tmp_path / "s.zarr", data_config("data.volumes.nonzero_only=false",
+                                                              "data.volumes.percentiles=[0, 100]"),
+                    show_progress=False)
+    assert report.done == ["series_a"], report.failed
+    image = stored(tmp_path / "s.zarr", "series_a")[:]
+    assert sorted(image.shape) == sorted(volume.shape)
+    info = zarr.open_group(str(tmp_path / "s.zarr" / "volumes" / "series_a"), mode="r").attrs["tessera"]
+    assert np.allclose(info["spacing_xyz"], 2.0)
+    # Orientation aside, the stored voxels are the series' voxels, scaled to [0, 1].
+    source = np.round(volume)
+    expected = np.sort(((source - source.min()) / (source.max() - source.min())).ravel())
+    np.testing.assert_allclose(np.sort(image.ravel()), expected, atol=1e-5)
