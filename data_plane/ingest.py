@@ -502,7 +502,7 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
                 for source in todo:
                     finish(source, ingest_item_safely(source, str(root), config, item_progress))
             else:
-                _ingest_with_ray(todo, root, config, workers, ray_address, finish)
+                _ingest_with_ray(todo, root, config, workers, ray_address, finish, item_progress)
 
         report.tiles = rebuild_tile_index(root)
         report.volumes = rebuild_volume_index(root)
@@ -510,8 +510,33 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
     return report
 
 
+class _ProgressBoard:
+    """A Ray actor the workers report per-item progress to; the driver polls it for the bars."""
+
+    def __init__(self):
+        self.state: dict[str, tuple[int, int]] = {}
+
+    def update(self, item_id: str, done: int, total: int) -> None:
+        self.state[item_id] = (done, total)
+
+    def read(self) -> dict[str, tuple[int, int]]:
+        return dict(self.state)
+
+
+class _ReportTo:
+    """A picklable progress callback that forwards to the board at most every 2% of an item."""
+
+    def __init__(self, board):
+        self.board, self.last = board, {}
+
+    def __call__(self, item_id: str, done: int, total: int) -> None:
+        if done >= total or done - self.last.get(item_id, -total) >= max(1, total // 50):
+            self.last[item_id] = done
+            self.board.update.remote(item_id, done, total)
+
+
 def _ingest_with_ray(todo: list[Source], root: Path, config: DataConfig, workers: int,
-                     ray_address: str | None, finish) -> None:
+                     ray_address: str | None, finish, item_progress) -> None:
     import ray
 
     started_here = not ray.is_initialized()
@@ -522,17 +547,21 @@ def _ingest_with_ray(todo: list[Source], root: Path, config: DataConfig, workers
             ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
                      _temp_dir=os.environ.get("RAY_TMPDIR"))
     try:
+        board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
         task = ray.remote(num_cpus=1, max_retries=0)(ingest_item_safely)
-        pending = {task.remote(source, str(root), config): source for source in todo}
+        pending = {task.remote(source, str(root), config, _ReportTo(board)): source for source in todo}
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            source = pending.pop(ready[0])
-            try:
-                entry = ray.get(ready[0])
-            except Exception as exc:  # the worker process died (e.g. out of memory)
-                entry = {"status": "failed", "source": str(source.path),
-                         "reason": f"worker died while ingesting: {type(exc).__name__}: {exc}"}
-            finish(source, entry)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for item_id, (done, total) in ray.get(board.read.remote()).items():
+                item_progress(item_id, done, total)
+            for ref in ready:
+                source = pending.pop(ref)
+                try:
+                    entry = ray.get(ref)
+                except Exception as exc:  # the worker process died (e.g. out of memory)
+                    entry = {"status": "failed", "kind": source.kind, "source": str(source.path),
+                             "reason": f"worker died while ingesting: {type(exc).__name__}: {exc}"}
+                finish(source, entry)
     finally:
         if started_here:
             ray.shutdown()

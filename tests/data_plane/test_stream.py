@@ -193,3 +193,15 @@ def test_stain_normalisation_moves_tiles_towards_the_reference(sample_store, tex
     glass = np.full((64, 64, 3), 245, np.uint8)
     out = normalizer.normalize_uint8(glass)
     assert out.shape == glass.shape and out.dtype == np.uint8
+
+
+def test_batched_stain_normalisation_matches_per_tile(sample_store, texture):
+    from data_plane.stain import StainNormalizer
+
+    normalizer = StainNormalizer("reinhard", texture)
+    batch = torch.stack([item["image"] for item, _ in zip(TileStream(sample_store, StreamConfig()), range(4))])
+    together = normalizer.normalize_batch(batch)
+    for image, normalised in zip(batch, together):
+        tile = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        expected = normalizer.normalize_uint8(tile)
+        np.testing.assert_allclose(normalised.permute(1, 2, 0).numpy() * 255, expected, atol=1e-3)

@@ -57,7 +57,7 @@ def test_sample_data_prints_paths(sample_data):
 
 
 def test_demo_writes_a_run_directory(tmp_path, sample_data):
-    result = runner.invoke(app, ["demo", "--set", f"runs_dir={tmp_path}"])
+    result = runner.invoke(app, ["demo", "--set", f"runs_dir={tmp_path}", "--set", f"data.store={tmp_path}/store.zarr"])
     assert result.exit_code == 0, result.output
     (run,) = tmp_path.glob("demo-*")
     for name in ("config.yaml", "command.txt", "git.txt", "log.txt", "metrics.jsonl"):

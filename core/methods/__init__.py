@@ -1,0 +1,56 @@
+"""Anomaly-detection methods, one file each, registered by name.
+
+A method is an ``nn.Module`` with
+
+- ``Config``: its pydantic config class (unknown keys refused),
+- ``groups()``: the networks optimised separately, by name (``{"model": …}``; GANs ``G``, ``D``, ``E``),
+- ``training_step(batch, step) -> {group: loss}``: one loss per optimised group,
+- ``score(batch) -> (image_scores [B], pixel_maps [B, 1, H, W] or None)``.
+
+It is single-device code: the trainer owns devices, precision, ranks, optimisers and checkpoints.
+Adding a method is its own file plus one ``@register_method`` line.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
+        cls.method_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def _load_all() -> None:
+    # Importing a method's module registers it; the list is the one place that names every method file.
+    from core.methods import reference_ae  # noqa: F401
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type:
+    _load_all()
+    if name not in _REGISTRY:
+        import difflib
+
+        near = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(_REGISTRY))}){hint}")
+    return _REGISTRY[name]
+
+
+def create_method(name: str, config: dict | None = None, **overrides):
+    """Build a registered method from its config (a dict validated by the method's ``Config``)."""
+    cls = method_class(name)
+    return cls(cls.Config.model_validate({**(config or {}), **overrides}))
