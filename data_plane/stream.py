@@ -199,12 +199,31 @@ class ShardedStream(IterableDataset):
 
     seed: int = 0
     shuffle: bool = True
+    batch_size: int | None = None
+    _skip_batches: int = 0
 
     def num_items(self) -> int:
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._skip_batches = 0
+
+    def batched(self, batch_size: int) -> "ShardedStream":
+        """Yield collated batches instead of items (use ``DataLoader(stream, batch_size=None)``).
+
+        A rank's share is cut into batches first and workers take every num_workers-th batch, so the
+        DataLoader, which takes from its workers in turn, delivers the batches in one fixed order
+        whatever the worker count; that makes :meth:`resume_at` exact.
+        """
+        self.batch_size = batch_size
+        return self
+
+    def resume_at(self, batches_done: int) -> None:
+        """Continue the current epoch after its first ``batches_done`` batches (batched streams)."""
+        if self.batch_size is None:
+            raise ValueError("resume_at needs a batched stream (call .batched(batch_size) first)")
+        self._skip_batches = batches_done
 
     def epoch_order(self, epoch: int | None = None) -> np.ndarray:
         """Item indices of one epoch, before sharding (same on every rank and worker)."""
@@ -213,13 +232,33 @@ class ShardedStream(IterableDataset):
             return np.arange(self.num_items())
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_items())
 
-    def my_share(self) -> np.ndarray:
+    def _batches(self) -> list[np.ndarray]:
+        share = self.epoch_order()[self.rank::self.world_size]
+        size = self.batch_size
+        return [share[i:i + size] for i in range(0, len(share), size)][self._skip_batches:]
+
+    def my_share(self) -> list:
+        """This reader's work: item indices, or index arrays (one per batch) for batched streams."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.batch_size is not None:
+            return self._batches()[worker::workers]
         return shard(self.epoch_order(), self.rank, self.world_size, worker, workers)
 
+    def _emit(self, make_item):
+        """Yield items, or collated batches of them, for this reader's share."""
+        from torch.utils.data import default_collate
+
+        for work in self.my_share():
+            if self.batch_size is None:
+                yield make_item(int(work))
+            else:
+                yield default_collate([make_item(int(index)) for index in work])
+
     def __len__(self) -> int:
-        """Items this rank reads in the current epoch (all its dataloader workers together)."""
+        """Items (or batches, for batched streams) this rank reads in the current epoch, all workers together."""
+        if self.batch_size is not None:
+            return len(self._batches())
         return len(shard(self.epoch_order(), self.rank, self.world_size, 0, 1))
 
     def item_rng(self, index: int) -> np.random.Generator:
@@ -272,19 +311,22 @@ class TileStream(ShardedStream):
         if self._loader is None:
             self._loader = _TileLoader(self.store, self.config.crop, self.config.crop_size, self.stain,
                                        has_annotations(self.store, self.tiles))
-        info = get_worker_info()
-        worker = info.id if info else 0
-        transform = augmentation(self.config.augment, seed=hash((self.config.seed, self.epoch, self.rank, worker))
-                                 % 2**31)
+        transform = augmentation(self.config.augment, seed=0)
         rows = self._rows()
-        for index in self.my_share():
-            item = self._loader.load(rows[index], int(index), self.item_rng(index))
+
+        def make_item(index: int) -> dict:
+            item = self._loader.load(rows[index], index, self.item_rng(index))
             if transform is not None:
+                # Seeded per item, so an epoch resumed half way augments its remaining items the same.
+                transform.set_random_state(seed=int(np.random.default_rng((self.seed, self.epoch, index, 1))
+                                                    .integers(2**31)))
                 item.update(transform({k: item[k] for k in ("image", "mask") if k in item}))
                 item["image"] = torch.as_tensor(item["image"]).float()
                 if "mask" in item:
                     item["mask"] = torch.as_tensor(item["mask"]).to(torch.uint8)
-            yield item
+            return item
+
+        yield from self._emit(make_item)
 
 
 class GridStream(IterableDataset):

@@ -81,8 +81,7 @@ class _VolumeStream(ShardedStream):
                 "group": row.group, "index": index}
 
     def __iter__(self):
-        for index in self.my_share():
-            yield self.item(int(index))
+        yield from self._emit(self.item)
 
 
 class PatchStream(_VolumeStream):

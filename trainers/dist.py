@@ -1,0 +1,44 @@
+"""All rank logic in one place: who this process is, and the one flag that gates logging and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0  # this process logs, writes metrics and checkpoints' shared files
+
+    @classmethod
+    def from_env(cls) -> "DistEnv":
+        """From the launcher's variables (torchrun, the DeepSpeed launcher, srun); a lone process is rank 0 of 1."""
+        if "RANK" not in os.environ:  # in-process run: give DeepSpeed the variables a launcher would
+            os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+    def init(self):
+        """Start the process group (NCCL on GPUs, gloo on CPU); returns the torch device of this rank."""
+        import deepspeed
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            deepspeed.init_distributed(dist_backend="nccl")
+            return torch.device("cuda", self.local_rank)
+        deepspeed.init_distributed(dist_backend="gloo")
+        return torch.device("cpu")
