@@ -112,6 +112,48 @@ def ingest(sources: list[str] = typer.Argument(None, help="Slides, NIfTI files, 
         _fail(f"{len(report.failed)} item(s) failed (recorded in manifest.json; rerun to retry):\n{lines}", code=1)
 
 
+@app.command()
+def train(config: Optional[Path] = ConfigArg,
+          overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+          nproc: int = typer.Option(1, min=1, help="Processes (ranks) on this machine; > 1 launches torchrun."),
+          run_dir: Optional[Path] = typer.Option(None, help="Run directory; default runs/<name>-<timestamp>."),
+          resume: bool = typer.Option(False, help="Continue the run in --run-dir from its latest checkpoint.")) -> None:
+    """Train the config's method with DeepSpeed (gloo on CPU, NCCL on GPUs); resumable."""
+    import os
+    import subprocess
+    import sys
+
+    from trainers.run_dir import create_run_dir
+
+    if resume:
+        if run_dir is None or not (run_dir / "config.yaml").is_file():
+            _fail("--resume needs --run-dir pointing at an existing run (with its config.yaml)")
+        if config is not None or overrides:
+            _fail("--resume continues the run with its own config.yaml; drop CONFIG and --set")
+        path = run_dir
+    else:
+        if run_dir is not None and run_dir.exists():
+            _fail(f"run directory '{run_dir}' exists: add --resume to continue it, or choose another")
+        resolved = _load(config, overrides)
+        path = create_run_dir(resolved, resolved.name, resolved.runs_dir, path=run_dir).path
+    typer.echo(f"run directory: {path}")
+    if nproc == 1 and "RANK" not in os.environ:
+        from trainers.loop import TrainingDiverged, run
+
+        try:
+            run(path, resume)
+        except TrainingDiverged as exc:
+            _fail(str(exc), code=3)
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "trainers.main", str(path)] + (["--resume"] if resume else [])
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # ranks share the cores
+    code = subprocess.run(command, env=env).returncode
+    if code:
+        _fail(f"training failed (exit {code}); see {path / 'log.txt'}; rerun with --run-dir {path} --resume",
+              code=code)
+
+
 bench_app = typer.Typer(help="Build benchmarks with known anomalies from real sample data.", no_args_is_help=True)
 app.add_typer(bench_app, name="make-benchmark")
 

@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from core.config import StrictConfig
+from core.methods import MethodConfig
 from data_plane.config import DataConfig
+from trainers.config import TrainConfig
 
 
 class RunConfig(StrictConfig):
@@ -26,6 +28,8 @@ class RunConfig(StrictConfig):
     runs_dir: str = "runs"                            # parent folder of run directories
     seed: int = Field(0, ge=0)                        # global seed (streams, synthesis, initialisation)
     data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
 
 
 class ConfigError(ValueError):

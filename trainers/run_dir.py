@@ -73,20 +73,24 @@ class RunDir:
 
 
 def create_run_dir(config: StrictConfig, name: str, root: str | Path = "runs",
-                   command: list[str] | None = None) -> RunDir:
-    """Make ``<root>/<name>-<timestamp>/`` and write what reproduces the run into it."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{name}-{stamp}"
-    suffix = 1
-    while True:  # two runs started within one second get distinct directories
-        try:
-            path.mkdir()
-            break
-        except FileExistsError:
-            path = root / f"{name}-{stamp}-{suffix}"
-            suffix += 1
+                   command: list[str] | None = None, path: str | Path | None = None) -> RunDir:
+    """Make ``<root>/<name>-<timestamp>/`` (or exactly ``path``) and write what reproduces the run into it."""
+    if path is not None:
+        path = Path(path)
+        path.mkdir(parents=True)  # an existing run directory is resumed, never overwritten
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"{name}-{stamp}"
+        suffix = 1
+        while True:  # two runs started within one second get distinct directories
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                path = root / f"{name}-{stamp}-{suffix}"
+                suffix += 1
     (path / "config.yaml").write_text(config.to_yaml())
     (path / "command.txt").write_text(shlex.join(command if command is not None else sys.argv) + "\n")
     (path / "git.txt").write_text(code_version())

@@ -13,7 +13,11 @@ Adding a method is its own file plus one ``@register_method`` line.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
+
+from pydantic import model_validator
+
+from core.config import StrictConfig
 
 _REGISTRY: dict[str, type] = {}
 
@@ -54,3 +58,24 @@ def create_method(name: str, config: dict | None = None, **overrides):
     """Build a registered method from its config (a dict validated by the method's ``Config``)."""
     cls = method_class(name)
     return cls(cls.Config.model_validate({**(config or {}), **overrides}))
+
+
+class MethodConfig(StrictConfig):
+    """The run config's ``method`` section: a registered name and that method's own options."""
+
+    name: str = "reference_ae"                        # a registered method (core/methods/<name>.py)
+    options: dict[str, Any] = {}                      # the method's Config fields; unknown ones are refused
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_fit_the_method(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("name", "reference_ae")
+        try:
+            method = method_class(name)
+        except KeyError as exc:
+            raise ValueError(str(exc).strip("'\"")) from None
+        # Fill the method's defaults so the resolved config spells every option out.
+        options = method.Config.model_validate(data.get("options") or {}).model_dump(mode="json")
+        return {**data, "options": options}

@@ -32,14 +32,3 @@ def data_config():
         return load_config(None, list(overrides)).data
 
     return build
-
-
-@pytest.fixture(scope="session")
-def sample_store(sample_data, tmp_path_factory):
-    """The real sample slide ingested once (20x, 256 px tiles)."""
-    from data_plane.ingest import ingest, resolve_sources
-
-    store = tmp_path_factory.mktemp("sample") / "store.zarr"
-    report = ingest(resolve_sources([str(sample_data.slide)]), store, load_config(None).data, show_progress=False)
-    assert report.done == ["cmu_small_region"], report
-    return store

@@ -1,0 +1,22 @@
+"""Worker entry point: ``python -m trainers.main RUN_DIR [--resume]`` under torchrun or the DeepSpeed launcher."""
+
+import argparse
+import sys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    from trainers.loop import TrainingDiverged, run
+
+    try:
+        run(args.run_dir, args.resume)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
