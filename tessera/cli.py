@@ -154,6 +154,51 @@ def train(config: Optional[Path] = ConfigArg,
               code=code)
 
 
+@app.command("eval")
+def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
+             store: Optional[str] = typer.Option(None, help="Store to evaluate on; default the run's data.store."),
+             split: str = typer.Option("test", help="Split to score."),
+             groups: Optional[list[str]] = typer.Option(None, "--group", help="Only these anomaly groups (repeatable).")) -> None:
+    """Score a split: metrics.json, ROC/PR curves, slide heatmaps and an index.html in RUN_DIR/eval-SPLIT."""
+    from trainers.evaluate import evaluate as run_eval
+
+    try:
+        result = run_eval(run_dir, store, split, groups)
+    except (FileNotFoundError, NotImplementedError, ValueError) as exc:
+        _fail(str(exc))
+    overall = result["overall"]
+    typer.echo(f"image AUROC {overall['image_auroc']:.3f}, AP {overall['image_ap']:.3f} "
+               f"({overall['n_normal']} normal, {overall['n_anomalous']} anomalous)"
+               + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {overall['pixel_ap']:.3f}, DICE {overall['dice']:.3f}"
+                  if "pixel_ap" in overall else "")
+               + f" -> {run_dir / f'eval-{split}'}/index.html")
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
+           out: Path = typer.Option(..., help="The file to write, e.g. model.pt.")) -> None:
+    """A self-contained scoring file (weights, method and data config) that `tessera score` accepts."""
+    from trainers.evaluate import export_run
+
+    try:
+        typer.echo(f"exported {export_run(run_dir, out)}")
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def score(model: Path = typer.Argument(..., help="A run directory or a `tessera export` file."),
+          inputs: list[str] = typer.Argument(..., help="Slides to score (paths, folders, globs)."),
+          out: Path = typer.Option(Path("scores"), help="Output folder: scores.csv, heatmaps/, store.zarr.")) -> None:
+    """Score slides that were never ingested: per-slide scores and heatmaps."""
+    from trainers.evaluate import score_inputs
+
+    try:
+        typer.echo(f"scores in {score_inputs(model, inputs, out)}")
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
 bench_app = typer.Typer(help="Build benchmarks with known anomalies from real sample data.", no_args_is_help=True)
 app.add_typer(bench_app, name="make-benchmark")
 

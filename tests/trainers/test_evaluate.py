@@ -1,0 +1,73 @@
+"""eval / export / score on a real benchmark built from the sample slide, after a short real training run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample_data):
+    from data_plane.benchmarks import make_slide_benchmark
+    from data_plane.ingest import ingest, resolve_sources
+    from tessera.config import load_config
+
+    folder = tmp_path_factory.mktemp("bench")
+    manifest = make_slide_benchmark(folder / "bench", tile=128, per_group=4, seed=1)
+    store = folder / "s.zarr"
+    config = load_config(folder / "bench" / "recipe.yaml").data
+    assert not ingest(resolve_sources([], manifest), store, config, show_progress=False).failed
+    run_dir = folder / "run"
+    sets = [f"data.store={store}", "train.steps=8", "train.micro_batch=8", "train.num_workers=0",
+            "train.checkpoint_every=8", "method.options={width: 8, depth: 3, bottleneck: 8}"]
+    command = [sys.executable, "-m", "tessera.cli", "train", str(folder / "bench" / "recipe.yaml"),
+               "--run-dir", str(run_dir)] + [a for s in sets for a in ("--set", s)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, store, folder / "bench"
+
+
+def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
+    from data_plane.benchmarks import SLIDE_GROUPS
+    from trainers.evaluate import evaluate
+
+    run_dir, store, _ = trained
+    result = evaluate(run_dir, split="test", workers=0, show_progress=False)
+    out = run_dir / "eval-test"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    overall = saved["overall"]
+    assert overall["n_normal"] > 20 and overall["n_anomalous"] > 20
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "dice"):
+        assert 0 <= overall[key] <= 1
+    assert set(saved["groups"]) == set(SLIDE_GROUPS)
+    for name in ("roc.png", "pr.png", "index.html"):
+        assert (out / name).stat().st_size > 1000
+    heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert "test_normal.png" in heatmaps and len(heatmaps) == 2 + len(SLIDE_GROUPS) - 1  # no train slide
+    assert "image AUROC" in (out / "index.html").read_text()
+    assert (store / "slides" / "test_normal" / "heatmaps" / run_dir.name / "zarr.json").is_file()
+
+
+def test_export_then_score_new_slides(trained, tmp_path):
+    from trainers.evaluate import export_run, score_inputs
+
+    run_dir, _, bench = trained
+    model = export_run(run_dir, tmp_path / "model.pt")
+    (tmp_path / "broken.svs").write_text("not a slide")
+    table = score_inputs(model, [str(bench / "test_he_tissue.tiff"), str(bench / "test_normal.tiff"),
+                                 str(tmp_path / "broken.svs")], tmp_path / "out")
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(table))}
+    assert float(rows["test_normal"]["score"]) > 0 and int(rows["test_normal"]["tiles"]) > 20
+    assert float(rows["test_he_tissue"]["score"]) > 0
+    assert "not readable by OpenSlide" in rows["broken"]["error"]
+    assert (tmp_path / "out" / "heatmaps" / "test_normal.png").is_file()
+    with pytest.raises(ValueError, match="neither a run directory nor"):
+        score_inputs(bench / "manifest.csv", [str(bench / "test_normal.tiff")], tmp_path / "x")

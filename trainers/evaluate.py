@@ -1,0 +1,225 @@
+"""Evaluation: score a split with a trained method, write metrics, curves, heatmaps and a page.
+
+``<run_dir>/eval-<split>/`` receives ``metrics.json`` (image AUROC/AP, and pixel AUROC/AP and DICE
+where masks exist; overall and per group), ``roc.png`` / ``pr.png``, one heatmap overlay per slide
+under ``heatmaps/`` (the stitched scores are also stored in the store, ``slides/<id>/heatmaps/<run>``),
+and ``index.html`` showing them together.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.metrics import AnomalyMetrics
+
+
+def load_method(run_dir: Path):
+    """The trained method of a run (``final.pt``) or an export, in eval mode on the CPU."""
+    from core.methods import create_method
+
+    run_dir = Path(run_dir)
+    path = run_dir / "final.pt" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained weights at '{path}': train the run to the end first "
+                                f"(or resume it with `tessera train --run-dir {run_dir} --resume`)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    method = create_method(saved["method"]["name"], saved["method"]["options"])
+    method.load_state_dict(saved["state"])
+    return method.eval(), saved
+
+
+def _curves(image_scores: np.ndarray, targets: np.ndarray, groups: np.ndarray, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    normal = targets == 0
+    selections = {"all": np.ones(len(targets), bool)}
+    selections.update({g: normal | (groups == g) for g in sorted(set(groups[targets == 1]))})
+    for kind in ("roc", "pr"):
+        fig, ax = plt.subplots(figsize=(5.5, 5), dpi=110)
+        for name, chosen in selections.items():
+            y, s = targets[chosen], image_scores[chosen]
+            if len(set(y.tolist())) < 2:
+                continue
+            if kind == "roc":
+                fpr, tpr, _ = roc_curve(y, s)
+                ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})", lw=2 if name == "all" else 1)
+            else:
+                precision, recall, _ = precision_recall_curve(y, s)
+                ax.plot(recall, precision, label=f"{name} (AP {np.sum(np.diff(recall[::-1]) * precision[::-1][1:]):.3f})",
+                        lw=2 if name == "all" else 1)
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+            ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, image level")
+        else:
+            ax.set(xlabel="recall", ylabel="precision", title="precision-recall, image level")
+        ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+        fig.tight_layout()
+        fig.savefig(out / f"{kind}.png")
+        plt.close(fig)
+
+
+def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
+    def row(name, values):
+        cells = "".join(f"<td>{values.get(k, float('nan')):.3f}</td>" for k in
+                        ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "dice"))
+        return f"<tr><td>{html.escape(name)}</td><td>{values['n_normal']}</td><td>{values['n_anomalous']}</td>{cells}</tr>"
+
+    rows = [row("overall", metrics["overall"])] + [row(g, v) for g, v in metrics["groups"].items()]
+    images = "".join(f'<figure><img src="heatmaps/{html.escape(h)}" width="420"><figcaption>{html.escape(h)}'
+                     f"</figcaption></figure>" for h in heatmaps)
+    (out / "index.html").write_text(f"""<!doctype html><meta charset="utf-8"><title>tessera eval</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:right}}
+figure{{display:inline-block;margin:6px}}</style>
+<h1>Evaluation of {html.escape(run_dir.name)}</h1>
+<table><tr><th>group</th><th>normal</th><th>anomalous</th><th>image AUROC</th><th>image AP</th>
+<th>pixel AUROC</th><th>pixel AP</th><th>DICE</th></tr>{''.join(rows)}</table>
+<p><img src="roc.png" width="420"> <img src="pr.png" width="420"></p>
+<h2>Heatmaps</h2>{images or '<p>none</p>'}
+""")
+
+
+@torch.no_grad()
+def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test", groups: list[str] | None = None,
+             batch_size: int = 32, workers: int = 2, show_progress: bool = True) -> dict:
+    """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs."""
+    from rich.progress import track
+    from torch.utils.data import DataLoader
+
+    from data_plane.heatmap import render_overlay, write_heatmap
+    from data_plane.stream import TileStream
+    from tessera.config import load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    if config.train.data != "tiles":
+        raise NotImplementedError("evaluation of slice-trained runs is not available yet; tiles only")
+    store = store or config.data.store
+    method, _ = load_method(run_dir)
+    stream_config = config.data.stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
+                                                          "crop": "none", "crop_size": None, "augment": "none",
+                                                          "max_tiles_per_slide": None})
+    stream = TileStream(store, stream_config, stain=config.data.stain, shuffle=False).batched(batch_size)
+    metrics = AnomalyMetrics()
+    per_slide: dict[str, list] = {}
+    batches = DataLoader(stream, batch_size=None, num_workers=workers)
+    for batch in (track(batches, total=len(stream), description=f"eval {split}") if show_progress else batches):
+        scores, maps = method.score(batch)
+        for i in range(len(scores)):
+            slide, target = batch["slide_id"][i], int(batch["target"][i])
+            per_slide.setdefault(slide, []).append((batch["level0_yx"][i].numpy(), float(scores[i]),
+                                                    int(batch["index"][i])))
+            if target < 0:
+                continue  # "uncertain": partly annotated, neither normal nor anomalous
+            has_mask = bool(batch["has_mask"][i]) if "has_mask" in batch else False
+            metrics.add(float(scores[i]), target, batch["group"][i],
+                        maps[i, 0].numpy() if maps is not None and has_mask else None,
+                        batch["mask"][i, 0].numpy() if has_mask else None)
+    result = metrics.compute()
+    out = run_dir / f"eval-{split}"
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    targets = np.array([c.label for c in metrics.cases])
+    _curves(np.array([c.score for c in metrics.cases]), targets, np.array([c.group for c in metrics.cases]), out)
+    names = []
+    for slide, entries in per_slide.items():
+        rows = stream.tiles.iloc[[e[2] for e in entries]]
+        footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
+        write_heatmap(store, slide, run_dir.name, np.stack([e[0] for e in entries]), footprint,
+                      scores=np.array([e[1] for e in entries]))
+        render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=run_dir.name,
+                       title=f"{slide}: {method.method_name} scores")
+        names.append(f"{slide}.png")
+    _page(out, run_dir, result, names)
+    return result
+
+
+EXPORT_FORMAT = "tessera-export-1"
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """One file that scores without the run directory: weights, method config, the run's data config."""
+    from tessera.config import load_config
+
+    run_dir = Path(run_dir)
+    _, saved = load_method(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    bundle = {"format": EXPORT_FORMAT, "method": saved["method"], "state": saved["state"],
+              "config": config.model_dump(mode="json"), "source_run": str(run_dir.resolve()),
+              "code": (run_dir / "git.txt").read_text() if (run_dir / "git.txt").is_file() else ""}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    torch.save(bundle, partial)
+    partial.replace(out)
+    return out
+
+
+def slide_score(tile_scores: np.ndarray, top_fraction: float = 0.05) -> float:
+    """Mean of the highest ``top_fraction`` of tile scores: one focal lesion still lifts the slide."""
+    ranked = np.sort(np.asarray(tile_scores))[::-1]
+    return float(ranked[: max(1, int(np.ceil(top_fraction * len(ranked))))].mean())
+
+
+@torch.no_grad()
+def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_size: int = 32) -> Path:
+    """Score slides never ingested: ingest them into ``out/store.zarr`` with the run's data settings, then
+    write ``scores.csv`` (slide score = mean of the top 5% tile scores), heatmaps and PNG overlays."""
+    import csv
+    import tempfile
+
+    from torch.utils.data import DataLoader
+
+    from data_plane.heatmap import render_overlay, write_heatmap
+    from data_plane.ingest import ingest, resolve_sources
+    from data_plane.stream import GridStream
+    from tessera.config import RunConfig, load_config
+
+    model = Path(model)
+    if model.is_dir():
+        method, _ = load_method(model)
+        config = load_config(model / "config.yaml")
+    else:
+        try:
+            bundle = torch.load(model, map_location="cpu", weights_only=False)
+        except Exception:  # not a torch file at all (pickle, zip or EOF errors)
+            bundle = {}
+        if not isinstance(bundle, dict) or bundle.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"'{model}' is neither a run directory nor a `tessera export` file")
+        method, _ = load_method(model)
+        config = RunConfig.model_validate(bundle["config"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "store.zarr"
+    report = ingest(resolve_sources(inputs), store, config.data, show_progress=False)
+    rows = [{"slide_id": slide, "score": "", "tiles": 0, "error": reason} for slide, reason in report.failed.items()]
+    slides = report.done + report.skipped
+    (out / "heatmaps").mkdir(exist_ok=True)
+    for slide in slides:
+        stream = GridStream(store, [slide], stain=config.data.stain)
+        scores, coords = [], []
+        for item in DataLoader(stream, batch_size=batch_size, num_workers=0):
+            image_scores, _ = method.score(item)
+            scores.append(image_scores.numpy())
+            coords.append(item["level0_yx"].numpy())
+        if not scores:
+            rows.append({"slide_id": slide, "score": "", "tiles": 0, "error": "no tissue tiles"})
+            continue
+        scores, coords = np.concatenate(scores), np.concatenate(coords)
+        footprint = float((stream.tiles["size"] * 2 ** stream.tiles["level"].astype(int)).iloc[0])
+        write_heatmap(store, slide, "score", coords, footprint, scores=scores)
+        render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap="score")
+        rows.append({"slide_id": slide, "score": f"{slide_score(scores):.6f}", "tiles": len(scores), "error": ""})
+    with open(out / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["slide_id", "score", "tiles", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return out / "scores.csv"
