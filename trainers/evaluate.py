@@ -100,9 +100,9 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
-    if config.train.data != "tiles":
-        raise NotImplementedError("evaluation of slice-trained runs is not available yet; tiles only")
     store = store or config.data.store
+    if config.train.data == "slices":
+        return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress)
     method, _ = load_method(run_dir)
     stream_config = config.data.stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
                                                           "crop": "none", "crop_size": None, "augment": "none",
@@ -223,3 +223,98 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
         writer.writeheader()
         writer.writerows(rows)
     return out / "scores.csv"
+
+
+def volume_score(voxel_scores: np.ndarray, top_fraction: float = 0.001) -> float:
+    """Mean of the highest 0.1% voxel scores (at least 10): a focal outlier lifts the whole volume."""
+    flat = np.sort(voxel_scores.ravel())[::-1]
+    return float(flat[: max(10, int(top_fraction * flat.size))].mean())
+
+
+def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """Undo SliceStream's pad-to-square and resize: (S, S) maps back to (height, width) planes."""
+    import torch.nn.functional as F
+
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    full = F.interpolate(maps[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+    return full[:, top:top + height, left:left + width].numpy()
+
+
+@torch.no_grad()
+def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
+                     show_progress: bool) -> dict:
+    """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics."""
+    import zarr
+    from rich.progress import track
+    from torch.utils.data import DataLoader
+
+    from data_plane.store import store_path
+    from data_plane.volume_stream import SliceStream
+    from data_plane.volumes import write_volume_scores
+
+    method, _ = load_method(run_dir)
+    stream_config = config.data.volume_stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
+                                                                 "min_foreground": 0.0, "augment": "none"})
+    stream = SliceStream(store, stream_config, shuffle=False).batched(batch_size)
+    axis = stream_config.slice_axis
+    volumes = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
+    scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
+    batches = DataLoader(stream, batch_size=None, num_workers=workers)
+    for batch in (track(batches, total=len(stream), description=f"eval {split}") if show_progress else batches):
+        _, maps = method.score(batch)
+        for i, volume_id in enumerate(batch["volume_id"]):
+            plane_shape = [s for a, s in enumerate(scores[volume_id].shape) if a != axis]
+            plane = _unsquare(maps[i], *plane_shape)[0]
+            index = [slice(None)] * 3
+            index[axis] = int(batch["slice"][i])
+            scores[volume_id][tuple(index)] = plane
+    out = run_dir / f"eval-{split}"
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    metrics = AnomalyMetrics()
+    root = store_path(store)
+    names = []
+    for volume_id, row in volumes.items():
+        target = {"normal": 0, "anomalous": 1}.get(row.label, -1)
+        sample = volume_score(scores[volume_id])
+        write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
+        if target < 0:
+            continue
+        mask = zarr.open_array(str(root / "volumes" / volume_id / "mask"), mode="r")[:] if row.has_mask else None
+        metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask)
+        if target == 1:
+            names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
+    result = metrics.compute()
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    _curves(np.array([c.score for c in metrics.cases]), np.array([c.label for c in metrics.cases]),
+            np.array([c.group for c in metrics.cases]), out)
+    _page(out, run_dir, result, names)
+    return result
+
+
+def _volume_figure(root: Path, volume_id: str, scores: np.ndarray, mask, folder: Path) -> str:
+    """The axial slice with the most anomaly (by mask, else by score): image, scores, and the mask outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import zarr
+
+    image = zarr.open_array(str(root / "volumes" / volume_id / "image"), mode="r")
+    weight = mask if mask is not None and mask.any() else scores
+    k = int(np.argmax(weight.reshape(weight.shape[0], -1).sum(1)))
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6), dpi=100)
+    axes[0].imshow(image[k], cmap="gray", origin="lower")
+    shown = axes[1].imshow(scores[k], cmap="inferno", origin="lower")
+    fig.colorbar(shown, ax=axes[1], fraction=0.046)
+    if mask is not None:
+        for ax in axes:
+            ax.contour(mask[k], levels=[0.5], colors="cyan", linewidths=0.8)
+    for ax, title in zip(axes, (f"{volume_id} z={k}", "voxel scores")):
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    fig.tight_layout()
+    name = f"{volume_id}.png"
+    fig.savefig(folder / name)
+    plt.close(fig)
+    return name
