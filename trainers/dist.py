@@ -18,6 +18,7 @@ class DistEnv:
     rank: int
     local_rank: int
     world_size: int
+    init_method: str | None = None   # "file://…" for a lone in-process rank: no port to race for
 
     @property
     def is_main(self) -> bool:
@@ -27,8 +28,15 @@ class DistEnv:
     def from_env(cls) -> "DistEnv":
         """From the launcher's variables (torchrun, the DeepSpeed launcher, srun); a lone process is rank 0 of 1."""
         if "RANK" not in os.environ:  # in-process run: give DeepSpeed the variables a launcher would
+            import tempfile
+
             os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+            # A free port found now may be taken by the time the store binds it; a file store cannot be.
+            handle, path = tempfile.mkstemp(prefix="tessera-rendezvous-")
+            os.close(handle)
+            os.unlink(path)
+            return cls(0, 0, 1, f"file://{path}")
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
 
     def init(self):
@@ -36,9 +44,13 @@ class DistEnv:
         import deepspeed
         import torch
 
+        if torch.distributed.is_initialized():  # a second run in the same process (e.g. the demo)
+            return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        kwargs = {"init_method": self.init_method, "rank": self.rank, "world_size": self.world_size} \
+            if self.init_method else {}
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)
-            deepspeed.init_distributed(dist_backend="nccl")
+            deepspeed.init_distributed(dist_backend="nccl", **kwargs)
             return torch.device("cuda", self.local_rank)
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="gloo", **kwargs)
         return torch.device("cpu")

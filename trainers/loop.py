@@ -92,6 +92,7 @@ class Trainer:
         self.stream = self._stream()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.checkpoints = self.run_dir / "checkpoints"
+        self._tensorboard = None  # created on the main rank at the first tick
 
     def _engines(self) -> dict:
         import deepspeed
@@ -197,6 +198,25 @@ class Trainer:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         return bad.item() == 0
 
+    def micro_step(self, batch: dict) -> dict[str, float]:
+        """Forward, NaN check, backward and (at accumulation boundaries) optimiser step of every group."""
+        batch = _to_device(batch, self.device, self.dtype)
+        losses = self.method.training_step(batch, self.step)
+        if not self._all_finite(losses):
+            message = (f"loss became NaN/inf at step {self.step} "
+                       f"({', '.join(f'{g}={float(l):.4g}' for g, l in losses.items())}); stopped. The last "
+                       f"good checkpoint is kept in {self.checkpoints}: lower train.lr or enable "
+                       f"train.clip_grad, then rerun with --resume")
+            if self.log:
+                self.log.log(message)
+            raise TrainingDiverged(message)
+        names = list(losses)
+        for i, group in enumerate(names):
+            self.engines[group].backward(losses[group], retain_graph=i < len(names) - 1)
+        for group in names:
+            self.engines[group].step()
+        return {group: float(losses[group].detach()) for group in names}
+
     def fit(self) -> dict:
         import torch.distributed as dist
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -218,24 +238,10 @@ class Trainer:
             while self.step < train.steps:
                 for _ in range(train.grad_accum):
                     waited = time.perf_counter()
-                    batch = _to_device(next(batches), self.device, self.dtype)
+                    batch = next(batches)
                     tick["wait"] += time.perf_counter() - waited
-                    losses = self.method.training_step(batch, self.step)
-                    if not self._all_finite(losses):
-                        message = (f"loss became NaN/inf at step {self.step} "
-                                   f"({', '.join(f'{g}={float(l):.4g}' for g, l in losses.items())}); stopped. The last "
-                                   f"good checkpoint is kept in {self.checkpoints}: lower train.lr or enable "
-                                   f"train.clip_grad, then rerun with --resume")
-                        if self.log:
-                            self.log.log(message)
-                        raise TrainingDiverged(message)
-                    names = list(losses)
-                    for i, group in enumerate(names):
-                        self.engines[group].backward(losses[group], retain_graph=i < len(names) - 1)
-                    for group in names:
-                        self.engines[group].step()
-                    for group in names:
-                        tick["losses"][group] += float(losses[group].detach()) / train.grad_accum
+                    for group, loss in self.micro_step(batch).items():
+                        tick["losses"][group] += loss / train.grad_accum
                 self.step += 1
                 tick["steps"] += 1
                 bar.update(task, completed=self.step)
@@ -274,8 +280,14 @@ class Trainer:
                   "global_batch": global_batch}
         if self.log:
             self.log.metrics(record)
-            if not math.isfinite(record["images_per_s"]):
-                self.log.log("warning: tick too short to time")
+            if self._tensorboard is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, self.step)
+            self._tensorboard.flush()
         return record
 
 

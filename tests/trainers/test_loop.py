@@ -49,6 +49,7 @@ def test_two_process_deepspeed_training(sample_store, tmp_path, zero_stage):
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 12
     log = (run_dir / "log.txt").read_text()
     assert "2 rank(s)" in log and "global batch 16" in log
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_killed_run_resumes_to_the_same_weights(sample_store, tmp_path):
