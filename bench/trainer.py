@@ -91,7 +91,14 @@ def main() -> None:
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for the trained ranks
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    config = load_config(ROOT / "configs" / "demo.yaml", [f"data.store={work / 'unused.zarr'}"])
+    bench = work / "slide-benchmark"
+    if not (bench / "manifest.csv").exists():
+        make_slide_benchmark(bench)
+    store = work / "store.zarr"
+    recipe = load_config(bench / "recipe.yaml", [f"data.store={store}"])
+    ingest(resolve_sources([], bench / "manifest.csv"), store, recipe.data, show_progress=False)
+    # The trainer is built as for a real run (its stream exists) but is fed the fixed batches.
+    config = load_config(ROOT / "configs" / "demo.yaml", [f"data.store={store}"])
     batches = fixed_batches(args.steps, args.size, config.train.micro_batch)
     bare = bare_loop(batches, config.method.options, config.train.lr, config.train.clip_grad)
     os.environ["BENCH_RUN_DIR"] = str(work / "fixed-run")
@@ -103,12 +110,6 @@ def main() -> None:
     print(f"  bare PyTorch loop {bare_ms:.1f} ms/step, tessera trainer {ours_ms:.1f} ms/step, "
           f"trainer/bare = {ours_ms / bare_ms:.3f}")
 
-    bench = work / "slide-benchmark"
-    if not (bench / "manifest.csv").exists():
-        make_slide_benchmark(bench)
-    store = work / "store.zarr"
-    recipe = load_config(bench / "recipe.yaml", [f"data.store={store}"])
-    ingest(resolve_sources([], bench / "manifest.csv"), store, recipe.data, show_progress=False)
     rows = {}
     for nproc in (1, 2):
         run_dir = work / f"run-{nproc}-{int(time.time())}"
