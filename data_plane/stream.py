@@ -245,10 +245,47 @@ class ShardedStream(IterableDataset):
             return self._batches()[worker::workers]
         return shard(self.epoch_order(), self.rank, self.world_size, worker, workers)
 
+    def endless(self, start_batch: int = 0) -> "ShardedStream":
+        """Batched, epoch after epoch without end, from global batch ``start_batch`` of this rank.
+
+        The rank's batches of epochs 0, 1, 2, … form one sequence; dataloader worker w takes every
+        num_workers-th of them, so one DataLoader delivers the sequence in order across epoch
+        boundaries and its workers never restart. Each batch carries ``global_batch`` and ``epoch``.
+        """
+        if self.batch_size is None:
+            raise ValueError("endless needs a batched stream (call .batched(batch_size) first)")
+        self._endless_from = start_batch
+        return self
+
+    def batches_per_epoch(self) -> int:
+        share = len(self.epoch_order(0)[self.rank::self.world_size])
+        return -(-share // self.batch_size)
+
+    def _emit_endless(self, make_item):
+        from torch.utils.data import default_collate
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        per_epoch = self.batches_per_epoch()
+        cached_epoch, batches = None, None
+        number = self._endless_from + worker
+        while True:
+            epoch, within = divmod(number, per_epoch)
+            if epoch != cached_epoch:
+                self.epoch, self._skip_batches = epoch, 0  # this worker's copy follows its own epoch
+                cached_epoch, batches = epoch, self._batches()
+            batch = default_collate([make_item(int(index)) for index in batches[within]])
+            batch["global_batch"], batch["epoch"] = number, epoch
+            yield batch
+            number += workers
+
     def _emit(self, make_item):
         """Yield items, or collated batches of them, for this reader's share."""
         from torch.utils.data import default_collate
 
+        if getattr(self, "_endless_from", None) is not None:
+            yield from self._emit_endless(make_item)
+            return
         for work in self.my_share():
             if self.batch_size is None:
                 yield make_item(int(work))

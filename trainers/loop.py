@@ -90,7 +90,7 @@ class Trainer:
         self.method = create_method(config.method.name, config.method.options).to(device)
         self.engines = self._engines()
         self.stream = self._stream()
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.step, self.epoch, self.global_batch = 0, 0, 0  # global_batch: this rank's batches consumed
         self.checkpoints = self.run_dir / "checkpoints"
         self._tensorboard = None  # created on the main rank at the first tick
 
@@ -119,20 +119,16 @@ class Trainer:
         return stream.batched(self.train.micro_batch)
 
     def _batches(self):
-        """Batches forever, epoch after epoch, starting where a resumed run left off."""
+        """Batches for the rest of the run from one DataLoader whose workers never restart (an endless
+        stream), starting at the global batch a resumed run had reached."""
         from torch.utils.data import DataLoader
 
-        while True:
-            self.stream.set_epoch(self.epoch)
-            if self.batch_in_epoch:
-                self.stream.resume_at(self.batch_in_epoch)
-            loader = DataLoader(self.stream, batch_size=None, num_workers=self.train.num_workers,
-                                pin_memory=self.device.type == "cuda")
-            for batch in loader:
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.batch_in_epoch = 0
+        loader = DataLoader(self.stream.endless(self.global_batch), batch_size=None,
+                            num_workers=self.train.num_workers, pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            self.global_batch = int(batch.pop("global_batch")) + 1
+            self.epoch = int(batch.pop("epoch"))
+            yield batch
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -146,7 +142,7 @@ class Trainer:
             engine.save_checkpoint(str(self.checkpoints / group), tag=tag, save_latest=False)
         state_dir = self.checkpoints / "state" / tag
         state_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+        torch.save({"step": self.step, "epoch": self.epoch, "global_batch": self.global_batch,
                     "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    state_dir / f"rank{self.env.rank}.pt")
@@ -179,14 +175,14 @@ class Trainer:
             if path is None:
                 raise RuntimeError(f"checkpoint {tag} of group '{group}' in {self.checkpoints} could not be loaded")
         state = torch.load(self.checkpoints / "state" / tag / f"rank{self.env.rank}.pt", weights_only=False)
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.step, self.epoch, self.global_batch = state["step"], state["epoch"], state["global_batch"]
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
         if state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
         if self.log:
-            self.log.log(f"resumed from {tag} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
+            self.log.log(f"resumed from {tag} (step {self.step}, epoch {self.epoch}, batch {self.global_batch})")
         return True
 
     # ------------------------------------------------------------------------------------ the loop

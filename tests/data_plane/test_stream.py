@@ -233,3 +233,24 @@ def test_batched_order_is_the_same_for_any_worker_count(sample_store):
                                                         num_workers=w)] for w in (0, 1, 3)]
     assert orders[0] == orders[1] == orders[2]
     assert sorted(i for batch in orders[0] for i in batch) == list(range(len(TileStream(sample_store, config).tiles)))
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_endless_stream_is_the_epochs_in_order_and_resumes_anywhere(sample_store, workers):
+    from itertools import islice
+
+    config = StreamConfig(min_tissue_fraction=0.0, seed=6)
+    def epoch_batches(epoch):
+        stream = TileStream(sample_store, config, rank=0, world_size=2, epoch=epoch).batched(4)
+        return [b["index"].tolist() for b in DataLoader(stream, batch_size=None)]
+    expected = epoch_batches(0) + epoch_batches(1) + epoch_batches(2)
+    def endless(start, count):
+        stream = TileStream(sample_store, config, rank=0, world_size=2).batched(4).endless(start)
+        return list(islice(DataLoader(stream, batch_size=None, num_workers=workers), count))
+    got = endless(0, len(expected))
+    assert [b["index"].tolist() for b in got] == expected
+    assert [int(b["global_batch"]) for b in got] == list(range(len(expected)))
+    per_epoch = len(epoch_batches(0))
+    assert [int(b["epoch"]) for b in got] == [i // per_epoch for i in range(len(expected))]
+    resumed = endless(per_epoch + 2, 5)
+    assert [b["index"].tolist() for b in resumed] == expected[per_epoch + 2: per_epoch + 7]
