@@ -29,6 +29,15 @@ def _subject_transform(seed: int):
     ]).set_random_state(seed=seed)
 
 
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """The manifest CSV `tessera ingest --manifest` reads; columns in the order of the first row."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def split_counts(subjects: int) -> tuple[int, int, int]:
     """(train normal, test normal, test anomalous): 60 / 10 / 30 %, at least one of each test kind."""
     test_normal = max(1, round(0.1 * subjects))
@@ -85,11 +94,7 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
             mask_path = str(mask_path.relative_to(out))
         rows.append({"path": str(path.relative_to(out)), "label": label, "split": split, "mask": mask_path,
                      "group": group})
-    manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "mask", "group"])
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = write_manifest(out / "manifest.csv", rows)
     if examples:
         montage(examples, out / "montage.png")
     return manifest
@@ -226,11 +231,7 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
         path = mosaic(f"test_{group}", cells, discs)
         rows.append({"path": path.name, "label": "anomalous", "split": "test", "annotation": f"test_{group}.geojson",
                      "group": group})
-    manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "annotation", "group"])
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = write_manifest(out / "manifest.csv", rows)
     recipe = {"name": "slide-benchmark", "data": {
         "tiles": {"size": tile, "magnification": None, "min_tissue_fraction": 0.5},
         "annotations": {"downsample": 1, "anomalous_fraction": 0.01},
