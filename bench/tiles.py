@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -136,7 +135,6 @@ class OpenSlideTiles:
 
 def run_case(method: str, slide: Path, store: Path, yx: np.ndarray, size: int, workers: int) -> dict:
     import pandas as pd
-    import torch
     from torch.utils.data import DataLoader
 
     if method == "decode":

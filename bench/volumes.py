@@ -80,7 +80,7 @@ def run_case(method: str, path: Path, store: Path, volume_id: str, size: int, or
         data = np.asarray(nibabel.load(path).dataobj, np.float32)
         read = lambda z, y, x: data[x:x + size, y:y + size, z:z + size].copy()
     else:
-        from monai.transforms import Compose, LoadImage, SpatialCrop
+        from monai.transforms import LoadImage, SpatialCrop
 
         load = LoadImage(image_only=True, ensure_channel_first=True)
         read = lambda z, y, x: SpatialCrop(roi_start=(x, y, z), roi_end=(x + size, y + size, z + size))(load(str(path)))

@@ -159,7 +159,7 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
     from PIL import Image
     from skimage import data as skdata
 
-    from core.anomalies import mood_outlier, random_sphere, sphere_mask
+    from core.anomalies import OUTLIERS, random_sphere, sphere_mask
     from data_plane.config import TissueConfig
     from data_plane.sample_data import fetch_sample_data
     from data_plane.tiff_writer import write_pyramidal_tiff
@@ -221,8 +221,6 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
                 image = torch.from_numpy(base.copy()).permute(2, 0, 1).float() / 255
                 centre, radius = random_sphere((tile, tile), item_rng, (0.15, 0.3))
                 disc_mask = sphere_mask((tile, tile), centre, radius)
-                from core.anomalies import OUTLIERS
-
                 altered = OUTLIERS[group](image, disc_mask, item_rng, centre=centre, radius=radius)
                 cell = (altered.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
                 disc = (float(centre[0]), float(centre[1]), radius)

@@ -174,7 +174,6 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
     """Score slides never ingested: ingest them into ``out/store.zarr`` with the run's data settings, then
     write ``scores.csv`` (slide score = mean of the top 5% tile scores), heatmaps and PNG overlays."""
     import csv
-    import tempfile
 
     from torch.utils.data import DataLoader
 

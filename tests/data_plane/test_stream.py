@@ -215,7 +215,6 @@ def test_resume_mid_epoch_continues_with_the_same_batches(sample_store, workers,
         return list(DataLoader(stream, batch_size=None, num_workers=workers))
     full = loader(TileStream(sample_store, config, rank=1, world_size=2, epoch=3).batched(2))
     reference = loader(TileStream(sample_store, config, rank=1, world_size=2, epoch=3).batched(2))
-    single = loader(TileStream(sample_store, config, rank=1, world_size=2, epoch=3).batched(2)) if workers else full
     stream = TileStream(sample_store, config, rank=1, world_size=2, epoch=3).batched(2)
     stream.resume_at(done)
     rest = loader(stream)
