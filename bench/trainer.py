@@ -3,8 +3,9 @@
     python bench/trainer.py [--steps 60] [--size 128]
 
 1. Fixed in-memory batches, the reference method: a step of tessera's DeepSpeed trainer (one engine,
-   ZeRO 1, fp32, gradient clipping, the NaN check across ranks) against a bare PyTorch loop (Adam,
-   clip_grad_norm_) on the same model and batches. Median step time of each, and the ratio.
+   the default ZeRO stage, fp32, gradient clipping, the NaN check) against a bare PyTorch loop (Adam,
+   clip_grad_norm_) on the same model and batches, the two alternating step by step. Median step
+   time of each, and the ratio.
 2. `tessera train` of the default CPU recipe (configs/demo.yaml's method and train sections) streaming
    from a store built from the sample slide: the data-wait share and images/s it logs.
 3. The same with --nproc 1 and --nproc 2: images/s (global batch grows with the ranks).
@@ -32,36 +33,37 @@ def fixed_batches(count: int, size: int, batch: int) -> list[dict]:
     return [{"image": torch.rand(batch, 3, size, size, generator=generator)} for _ in range(count)]
 
 
-def bare_loop(batches, options: dict, lr: float, clip: float) -> list[float]:
-    from core.methods import create_method
+class BareLoop:
+    """What a user would write by hand: the method, torch Adam, clip_grad_norm_, one backward per step."""
 
-    torch.manual_seed(0)
-    method = create_method("reference_ae", options).train()
-    optimizer = torch.optim.Adam(method.parameters(), lr=lr)
-    times = []
-    for batch in batches:
-        started = time.perf_counter()
-        loss = method.training_step(batch)["model"]
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, options: dict, lr: float, clip: float):
+        from core.methods import create_method
+
+        torch.manual_seed(0)
+        self.method = create_method("reference_ae", options).train()
+        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=lr)
+        self.clip = clip
+
+    def micro_step(self, batch: dict) -> float:
+        loss = self.method.training_step(batch)["model"]
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(method.parameters(), clip)
-        optimizer.step()
-        float(loss.detach())
-        times.append(time.perf_counter() - started)
-    return times
+        torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.clip)
+        self.optimizer.step()
+        return float(loss.detach())
 
 
-def trainer_loop(batches, config) -> list[float]:
-    from trainers.dist import DistEnv
-    from trainers.loop import Trainer
-
-    env = DistEnv.from_env()
-    trainer = Trainer(config, Path(os.environ["BENCH_RUN_DIR"]), env, env.init())
-    times = []
+def interleaved(batches, bare: BareLoop, trainer) -> tuple[list[float], list[float]]:
+    """Step times of both loops, alternating on the same batches so that drift (clock, caches, other
+    load) hits both alike."""
+    times = ([], [])
     for batch in batches:
-        started = time.perf_counter()
-        trainer.micro_step(batch)
-        times.append(time.perf_counter() - started)
+        for loop, out in ((bare, times[0]), (trainer, times[1])):
+            started = time.perf_counter()
+            losses = loop.micro_step(batch)
+            if isinstance(losses, dict):
+                [float(v) for v in losses.values()]  # the trainer's losses are tensors; read them as the bare loop does
+            out.append(time.perf_counter() - started)
     return times
 
 
@@ -100,10 +102,14 @@ def main() -> None:
     # The trainer is built as for a real run (its stream exists) but is fed the fixed batches.
     config = load_config(ROOT / "configs" / "demo.yaml", [f"data.store={store}"])
     batches = fixed_batches(args.steps, args.size, config.train.micro_batch)
-    bare = bare_loop(batches, config.method.options, config.train.lr, config.train.clip_grad)
-    os.environ["BENCH_RUN_DIR"] = str(work / "fixed-run")
+    from trainers.dist import DistEnv
+    from trainers.loop import Trainer
+
+    env = DistEnv.from_env()
     (work / "fixed-run").mkdir(exist_ok=True)
-    ours = trainer_loop(batches, config)
+    trainer = Trainer(config, work / "fixed-run", env, env.init())  # built as for a real run, fed fixed batches
+    bare, ours = interleaved(batches, BareLoop(config.method.options, config.train.lr, config.train.clip_grad),
+                             trainer)
     skip = max(3, args.steps // 10)  # warm-up steps excluded from both
     bare_ms, ours_ms = (statistics.median(t[skip:]) * 1000 for t in (bare, ours))
     print(f"fixed batches of {config.train.micro_batch} x 3 x {args.size}², reference_ae {config.method.options}:")

@@ -2,27 +2,79 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import StrictConfig
+
+
+class GroupConfig(StrictConfig):
+    """Optimiser settings of one network group that differ from the run's (GANs: G, D and E)."""
+
+    lr: float | None = Field(None, gt=0)              # this group's peak learning rate; None = train.lr
+    betas: tuple[float, float] | None = None          # Adam betas; None = train.betas (GANs often use (0, 0.99))
+    weight_decay: float | None = Field(None, ge=0)    # None = train.weight_decay
+
+
+class SWAConfig(StrictConfig):
+    """Stochastic weight averaging after the main phase: SGD with a cyclic (saw-tooth) learning rate that
+    falls from ``lr_max`` to ``lr_min`` over each cycle; the weights at every minimum are averaged."""
+
+    steps: int = Field(..., ge=1)                     # extra optimiser steps after train.steps
+    cycle_steps: int = Field(..., ge=1)               # steps per cycle (one snapshot at the end of each)
+    lr_max: float = Field(1e-3, gt=0)
+    lr_min: float = Field(1e-4, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"         # the phase's optimiser (the FPI paper: SGD)
+    momentum: float = Field(0.9, ge=0, lt=1)          # SGD momentum
+    bn_batches: int = Field(32, ge=0)                 # batches to recompute BatchNorm statistics of the average
+
+
+class GrowingConfig(StrictConfig):
+    """Progressive growing: the resolution methods should train at, and the fade-in α of the newest
+    layers, as a function of images seen (all ranks together)."""
+
+    start_resolution: int = Field(16, ge=4)           # first resolution (a power of two times the target's odd part)
+    target_resolution: int = Field(256, ge=4)         # final resolution; doubling from start
+    stable_images: int = Field(60_000, ge=1)          # images at each resolution with α = 1
+    fade_images: int = Field(60_000, ge=1)            # images over which α rises 0 -> 1 after each doubling
+
+    @model_validator(mode="after")
+    def _doubles(self):
+        ratio = self.target_resolution / self.start_resolution
+        if ratio < 1 or ratio != 2 ** round(__import__("math").log2(ratio)):
+            raise ValueError(f"target_resolution {self.target_resolution} must be start_resolution "
+                             f"{self.start_resolution} times a power of two")
+        return self
 
 
 class TrainConfig(StrictConfig):
     """One training run. Steps count optimiser steps; a step is `grad_accum` micro-batches on every rank."""
 
     data: Literal["tiles", "slices"] = "tiles"        # stream: tiles of data.stream, or slices of data.volume_stream
-    steps: int = Field(1000, ge=1)                    # optimiser steps in the whole run
+    steps: int = Field(1000, ge=1)                    # optimiser steps in the main phase
     micro_batch: int = Field(16, ge=1)                # images per rank per forward pass
     grad_accum: int = Field(1, ge=1)                  # micro-batches accumulated per optimiser step
     lr: float = Field(1e-3, gt=0)                     # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999)         # Adam betas
     weight_decay: float = Field(0.0, ge=0)            # Adam(W) weight decay
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 0
     warmup_steps: int = Field(0, ge=0)                # linear warm-up from 0 over this many steps
     clip_grad: float | None = Field(1.0, gt=0)        # global gradient-norm clip; None = no clipping
-    zero_stage: int = Field(1, ge=0, le=2)            # DeepSpeed ZeRO stage (0/1 suit these convnets)
+    zero_stage: int = Field(0, ge=0, le=2)            # DeepSpeed ZeRO stage; 0 = plain data parallel (fastest
+                                                      # for these small convnets), 1/2 shard optimiser state/gradients
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+    groups: dict[str, GroupConfig] = {}               # per-group optimiser overrides, by the method's group names
+    ema: float | None = Field(None, gt=0, lt=1)       # keep an exponential moving average of weights (decay, e.g.
+                                                      # 0.999); final.pt then holds the average
+    swa: SWAConfig | None = None                      # stochastic weight averaging phase; final.pt holds the average
+    growing: GrowingConfig | None = None              # progressive-growing schedule methods can read
     num_workers: int = Field(2, ge=0)                 # dataloader workers per rank
     log_every: int = Field(10, ge=1)                  # steps between metric ticks
     checkpoint_every: int = Field(200, ge=1)          # steps between checkpoints (and one at the end)
     checkpoint_minutes: float | None = Field(30.0, gt=0)  # also checkpoint after this many minutes; None = off
     keep_checkpoints: int = Field(2, ge=1)            # newest checkpoints kept on disk
+
+    @model_validator(mode="after")
+    def _no_both_averages(self):
+        if self.ema is not None and self.swa is not None:
+            raise ValueError("train.ema and train.swa both average the weights; choose one")
+        return self

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.schedule import StepState, growth_at
 from trainers.config import TrainConfig
 from trainers.dist import DistEnv
 from trainers.run_dir import RunDir
@@ -33,35 +34,53 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(train: TrainConfig, precision: str) -> dict:
-    """The DeepSpeed config of one engine (every group gets the same optimiser settings)."""
-    total = train.steps
-    scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
+def deepspeed_config(train: TrainConfig, precision: str, group: str | None = None, phase: str = "main") -> dict:
+    """The DeepSpeed config of one engine: the run's optimiser settings with the group's overrides. In the
+    SWA phase the optimiser and cyclic schedule are torch objects passed in (see Trainer._engines)."""
+    override = train.groups.get(group) if group else None
+    lr = override.lr if override and override.lr is not None else train.lr
+    betas = override.betas if override and override.betas is not None else train.betas
+    decay = override.weight_decay if override and override.weight_decay is not None else train.weight_decay
+    scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                                 "warmup_num_steps": max(train.warmup_steps, 1),
                                                 "warmup_type": "linear"}}
     if train.lr_schedule == "cosine":
-        scheduler = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
+        scheduler = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                                          "warmup_num_steps": max(train.warmup_steps, 1),
-                                                         "total_num_steps": max(total, train.warmup_steps + 1),
+                                                         "total_num_steps": max(train.steps, train.warmup_steps + 1),
                                                          "warmup_type": "linear"}}
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
-        # torch's Adam: DeepSpeed's fused CPU Adam would first compile for ~40 s.
-        "optimizer": {"type": "AdamW" if train.weight_decay else "Adam",
-                      "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True}},
-        "scheduler": scheduler,
         "zero_optimization": {"stage": train.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if train.clip_grad is not None:
+    if phase == "main":
+        # torch's Adam: DeepSpeed's fused CPU Adam would first compile for ~40 s.
+        config["optimizer"] = {"type": "AdamW" if decay else "Adam",
+                               "params": {"lr": lr, "betas": list(betas), "weight_decay": decay, "torch_adam": True}}
+        config["scheduler"] = scheduler
+    if train.clip_grad is not None and not own_clipping(train, precision):
         config["gradient_clipping"] = train.clip_grad
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return config
+
+
+def own_clipping(train: TrainConfig, precision: str) -> bool:
+    """fp32 without ZeRO: gradients are whole and already averaged after backward, so torch's fused
+    (foreach) clip does the job; DeepSpeed's own clip walks the parameters one by one in Python."""
+    return train.clip_grad is not None and train.zero_stage == 0 and precision == "fp32"
+
+
+def swa_lr(step_in_phase: int, swa) -> float:
+    """The saw-tooth learning rate of the SWA phase: lr_max at the start of each cycle down to lr_min at
+    its last step, where the snapshot is taken."""
+    position = step_in_phase % swa.cycle_steps
+    return swa.lr_max - (swa.lr_max - swa.lr_min) * position / max(swa.cycle_steps - 1, 1)
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -76,7 +95,8 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 class Trainer:
-    """Builds the method, its engines and the stream from a run config, then trains for ``train.steps``."""
+    """Builds the method, its engines and the stream from a run config, then trains for ``train.steps``
+    (plus ``train.swa.steps`` in a stochastic-weight-averaging phase)."""
 
     def __init__(self, config, run_dir: Path, env: DistEnv, device: torch.device):
         from core.methods import create_method
@@ -88,9 +108,17 @@ class Trainer:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         torch.manual_seed(config.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
         self.method = create_method(config.method.name, config.method.options).to(device)
+        unknown = set(self.train.groups) - set(self.method.groups())
+        if unknown:
+            raise ValueError(f"train.groups names {sorted(unknown)}, but method '{config.method.name}' optimises "
+                             f"{sorted(self.method.groups())}")
+        self.phase = "main"
         self.engines = self._engines()
+        self.average = self._averager()
         self.stream = self._stream()
         self.step, self.epoch, self.global_batch = 0, 0, 0  # global_batch: this rank's batches consumed
+        self.images_per_step = self.train.micro_batch * self.train.grad_accum * env.world_size
+        self.total_steps = self.train.steps + (self.train.swa.steps if self.train.swa else 0)
         self.checkpoints = self.run_dir / "checkpoints"
         self._tensorboard = None  # created on the main rank at the first tick
 
@@ -100,10 +128,39 @@ class Trainer:
         engines = {}
         for group, module in self.method.groups().items():
             params = [p for p in module.parameters() if p.requires_grad]
-            engine, *_ = deepspeed.initialize(model=module, model_parameters=params,
-                                              config=deepspeed_config(self.train, self.precision))
+            config = deepspeed_config(self.train, self.precision, group, self.phase)
+            if self.phase == "swa":
+                swa = self.train.swa
+                optimizer = torch.optim.SGD(params, lr=swa.lr_max, momentum=swa.momentum) if swa.optimizer == "sgd" \
+                    else torch.optim.Adam(params, lr=swa.lr_max, betas=self.train.betas)
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: swa_lr(s, swa) / swa.lr_max)
+                engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                                  config=config)
+            else:
+                engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
             engines[group] = engine
         return engines
+
+    def _averager(self):
+        """The running average of the weights: an EMA from the start, or SWA's snapshot average."""
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        if self.phase == "swa":
+            return AveragedModel(self.method, use_buffers=False)  # BatchNorm statistics recomputed at the end
+        if self.train.ema is not None:
+            return AveragedModel(self.method, multi_avg_fn=get_ema_multi_avg_fn(self.train.ema), use_buffers=True)
+        return None
+
+    def _enter_swa(self) -> None:
+        for engine in self.engines.values():
+            engine.destroy()  # removes ZeRO's gradient hooks before new engines wrap the same parameters
+        self.phase = "swa"
+        self.engines = self._engines()
+        self.average = self._averager()
+        if self.log:
+            swa = self.train.swa
+            self.log.log(f"SWA phase: {swa.steps} steps of {swa.optimizer}, learning rate cycling "
+                         f"{swa.lr_max:g} -> {swa.lr_min:g} every {swa.cycle_steps} steps, snapshots averaged")
 
     def _stream(self):
         data = self.config.data
@@ -130,11 +187,22 @@ class Trainer:
             self.epoch = int(batch.pop("epoch"))
             yield batch
 
+    def state(self) -> StepState:
+        """What methods may read about progress: step, images seen, growth stage, phase."""
+        images = self.step * self.images_per_step
+        growing = self.train.growing
+        if growing is None:
+            return StepState(self.step, images, phase=self.phase)
+        resolution, alpha, stage = growth_at(images, growing.start_resolution, growing.target_resolution,
+                                             growing.stable_images, growing.fade_images)
+        return StepState(self.step, images, resolution, alpha, stage, self.phase)
+
     # ------------------------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        """Engines, optimiser and scheduler states (DeepSpeed), then this rank's stream position and RNG
-        states; ``latest.json`` is replaced last, so a checkpoint cut short is never the one resumed."""
+        """Engines, optimiser and scheduler states (DeepSpeed), then this rank's stream position, RNG
+        states and weight average; ``latest.json`` is replaced last, so a checkpoint cut short is never
+        the one resumed."""
         import torch.distributed as dist
 
         tag = f"step{self.step:08d}"
@@ -142,7 +210,8 @@ class Trainer:
             engine.save_checkpoint(str(self.checkpoints / group), tag=tag, save_latest=False)
         state_dir = self.checkpoints / "state" / tag
         state_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": self.step, "epoch": self.epoch, "global_batch": self.global_batch,
+        torch.save({"step": self.step, "epoch": self.epoch, "global_batch": self.global_batch, "phase": self.phase,
+                    "average": self.average.state_dict() if self.average is not None else None,
                     "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    state_dir / f"rank{self.env.rank}.pt")
@@ -150,7 +219,7 @@ class Trainer:
         if self.env.is_main:
             latest = self.checkpoints / "latest.json"
             partial = latest.with_suffix(".partial")
-            partial.write_text(json.dumps({"tag": tag, "step": self.step}))
+            partial.write_text(json.dumps({"tag": tag, "step": self.step, "phase": self.phase}))
             partial.replace(latest)
             self._prune(keep=tag)
             self.log.log(f"checkpoint {tag} written")
@@ -169,13 +238,18 @@ class Trainer:
         latest = self.checkpoints / "latest.json"
         if not latest.is_file():
             return False
-        tag = json.loads(latest.read_text())["tag"]
+        index = json.loads(latest.read_text())
+        tag = index["tag"]
+        if index.get("phase", "main") == "swa" and self.phase != "swa":
+            self._enter_swa()  # the checkpoint holds the SWA optimiser's state
         for group, engine in self.engines.items():
             path, _ = engine.load_checkpoint(str(self.checkpoints / group), tag=tag)
             if path is None:
                 raise RuntimeError(f"checkpoint {tag} of group '{group}' in {self.checkpoints} could not be loaded")
         state = torch.load(self.checkpoints / "state" / tag / f"rank{self.env.rank}.pt", weights_only=False)
         self.step, self.epoch, self.global_batch = state["step"], state["epoch"], state["global_batch"]
+        if self.average is not None and state.get("average") is not None:
+            self.average.load_state_dict(state["average"])
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
@@ -188,16 +262,21 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the loop
 
     def _all_finite(self, losses: dict) -> bool:
+        finite = torch.stack([loss.detach().float() for loss in losses.values()]).isfinite().all()
+        if self.env.world_size == 1:
+            return bool(finite)
         import torch.distributed as dist
 
-        bad = torch.tensor([0.0 if all(torch.isfinite(l).item() for l in losses.values()) else 1.0])
+        bad = (~finite).float().reshape(1).cpu()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         return bad.item() == 0
 
-    def micro_step(self, batch: dict) -> dict[str, float]:
-        """Forward, NaN check, backward and (at accumulation boundaries) optimiser step of every group."""
+    def micro_step(self, batch: dict, state: StepState | None = None) -> dict[str, torch.Tensor]:
+        """Forward, NaN check, backward and (at accumulation boundaries) optimiser step of every group
+        the method returned a loss for (a GAN may skip a group on some steps: its update ratio).
+        Returns the detached losses."""
         batch = _to_device(batch, self.device, self.dtype)
-        losses = self.method.training_step(batch, self.step)
+        losses = self.method.training_step(batch, state or self.state())
         if not self._all_finite(losses):
             message = (f"loss became NaN/inf at step {self.step} "
                        f"({', '.join(f'{g}={float(l):.4g}' for g, l in losses.items())}); stopped. The last "
@@ -209,71 +288,113 @@ class Trainer:
         names = list(losses)
         for i, group in enumerate(names):
             self.engines[group].backward(losses[group], retain_graph=i < len(names) - 1)
+        clip = own_clipping(self.train, self.precision)
         for group in names:
-            self.engines[group].step()
-        return {group: float(losses[group].detach()) for group in names}
+            engine = self.engines[group]
+            if clip and engine.is_gradient_accumulation_boundary():
+                torch.nn.utils.clip_grad_norm_(engine.module.parameters(), self.train.clip_grad, foreach=True)
+            engine.step()
+        return {group: losses[group].detach() for group in names}
+
+    def _after_step(self) -> None:
+        """Update the weight average: the EMA after every step, SWA at the end of every cycle (lowest LR)."""
+        if self.average is None:
+            return
+        if self.phase == "main":
+            self.average.update_parameters(self.method)
+        elif (self.step - self.train.steps) % self.train.swa.cycle_steps == 0:
+            self.average.update_parameters(self.method)
+
+    def _new_tick(self) -> dict:
+        return {"start": time.perf_counter(), "wait": 0.0, "steps": 0,
+                "losses": {g: torch.zeros((), dtype=torch.float64) for g in self.engines},
+                "counts": {g: 0 for g in self.engines}}
 
     def fit(self) -> dict:
         import torch.distributed as dist
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         train = self.train
-        global_batch = train.micro_batch * train.grad_accum * self.env.world_size
         if self.log:
-            self.log.log(f"training {self.config.method.name} for {train.steps} steps on {self.env.world_size} "
-                         f"rank(s), {self.device.type}, {self.precision}; global batch {global_batch} = "
+            self.log.log(f"training {self.config.method.name} for {train.steps} steps"
+                         f"{f' + {train.swa.steps} SWA steps' if train.swa else ''} on {self.env.world_size} "
+                         f"rank(s), {self.device.type}, {self.precision}; global batch {self.images_per_step} = "
                          f"{train.micro_batch} micro x {train.grad_accum} accumulation x {self.env.world_size} ranks")
         self.method.train()
         batches = self._batches()
         last_checkpoint = time.time()
-        tick = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "losses": {g: 0.0 for g in self.engines}}
+        tick = self._new_tick()
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[status]}")]
         with Progress(*columns, disable=not self.env.is_main) as bar:
-            task = bar.add_task(f"train {self.config.name}", total=train.steps, completed=self.step, status="")
-            while self.step < train.steps:
+            task = bar.add_task(f"train {self.config.name}", total=self.total_steps, completed=self.step, status="")
+            while self.step < self.total_steps:
+                if self.step == train.steps and train.swa is not None and self.phase == "main":
+                    self._enter_swa()
+                    tick = self._new_tick()
+                state = self.state()
                 for _ in range(train.grad_accum):
                     waited = time.perf_counter()
                     batch = next(batches)
                     tick["wait"] += time.perf_counter() - waited
-                    for group, loss in self.micro_step(batch).items():
-                        tick["losses"][group] += loss / train.grad_accum
+                    for group, loss in self.micro_step(batch, state).items():
+                        tick["losses"][group] += loss.double().cpu()
+                        tick["counts"][group] += 1
                 self.step += 1
+                self._after_step()
                 tick["steps"] += 1
                 bar.update(task, completed=self.step)
-                if self.step % train.log_every == 0 or self.step == train.steps:
-                    record = self._tick(tick, global_batch)
+                if self.step % train.log_every == 0 or self.step == self.total_steps:
+                    record = self._tick(tick)
                     bar.update(task, status=" ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss")))
-                    tick = {"start": time.perf_counter(), "wait": 0.0, "steps": 0,
-                            "losses": {g: 0.0 for g in self.engines}}
-                minutes = (time.time() - last_checkpoint) / 60
-                due_by_time = torch.tensor([float(train.checkpoint_minutes is not None and
-                                                  minutes >= train.checkpoint_minutes)])
-                dist.all_reduce(due_by_time, op=dist.ReduceOp.MAX)  # ranks must agree: saving is collective
-                if self.step % train.checkpoint_every == 0 or self.step == train.steps or due_by_time.item():
+                    tick = self._new_tick()
+                due = self.step % train.checkpoint_every == 0 or self.step in (train.steps, self.total_steps)
+                if train.checkpoint_minutes is not None:
+                    late = torch.tensor([float((time.time() - last_checkpoint) / 60 >= train.checkpoint_minutes)])
+                    if self.env.world_size > 1:
+                        dist.all_reduce(late, op=dist.ReduceOp.MAX)  # ranks must agree: saving is collective
+                    due = due or bool(late.item())
+                if due:
                     self.save_checkpoint()
                     last_checkpoint = time.time()
-        if self.env.is_main:
-            torch.save({"method": self.config.method.model_dump(), "state": self.method.state_dict()},
-                       self.run_dir / "final.pt")
-            self.log.log(f"finished {train.steps} steps; weights in {self.run_dir / 'final.pt'}")
+        self._finish(batches)
         return {"step": self.step}
 
-    def _tick(self, tick: dict, global_batch: int) -> dict:
+    def _finish(self, batches) -> None:
+        """final.pt: the weight average if there is one (SWA's with BatchNorm statistics recomputed on
+        ``swa.bn_batches`` batches), else the last weights."""
+        averaged = None
+        model = self.method
+        if self.average is not None:
+            averaged = self.phase if self.phase == "swa" else "ema"
+            model = self.average.module
+            if self.phase == "swa" and self.train.swa.bn_batches:
+                _recompute_batchnorm(model, batches, self.train.swa.bn_batches, self.state(), self.device, self.dtype)
+        if self.env.is_main:
+            torch.save({"method": self.config.method.model_dump(), "state": model.state_dict(), "averaged": averaged},
+                       self.run_dir / "final.pt")
+            self.log.log(f"finished {self.total_steps} steps; {'averaged (' + averaged + ') ' if averaged else ''}"
+                         f"weights in {self.run_dir / 'final.pt'}")
+
+    def _tick(self, tick: dict) -> dict:
         import torch.distributed as dist
 
         elapsed = time.perf_counter() - tick["start"]
-        losses = torch.tensor([tick["losses"][g] / max(tick["steps"], 1) for g in self.engines], dtype=torch.float64)
-        dist.all_reduce(losses)
-        losses /= self.env.world_size
-        record = {"step": self.step, "epoch": self.epoch,
-                  **{f"loss/{g}": float(v) for g, v in zip(self.engines, losses)},
-                  "lr": float(next(iter(self.engines.values())).get_lr()[0]),
-                  "images_per_s": global_batch * tick["steps"] / max(elapsed, 1e-9),
+        losses = torch.stack([tick["losses"][g] / max(tick["counts"][g], 1) for g in self.engines])
+        if self.env.world_size > 1:
+            dist.all_reduce(losses)
+            losses /= self.env.world_size
+        record = {"step": self.step, "epoch": self.epoch, "phase": self.phase,
+                  **{f"loss/{g}": float(v) for g, v in zip(self.engines, losses) if tick["counts"][g]},
+                  **{f"lr/{g}": float(e.get_lr()[0]) for g, e in self.engines.items()},
+                  "images_per_s": self.images_per_step * tick["steps"] / max(elapsed, 1e-9),
                   "data_wait_share": tick["wait"] / max(elapsed, 1e-9),
                   "peak_cpu_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
-                  "global_batch": global_batch}
+                  "global_batch": self.images_per_step}
+        growth = self.state()
+        if growth.resolution is not None:
+            record.update({"resolution": growth.resolution, "alpha": growth.alpha})
         if self.log:
             self.log.metrics(record)
             if self._tensorboard is None:
@@ -281,10 +402,28 @@ class Trainer:
 
                 self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
             for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, self.step)
             self._tensorboard.flush()
         return record
+
+
+@torch.no_grad()
+def _recompute_batchnorm(model, batches, count: int, state: StepState, device, dtype) -> None:
+    """BatchNorm running statistics of averaged weights, from ``count`` training batches (as
+    torch.optim.swa_utils.update_bn, but through the method's own training_step so any method works)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    for _ in range(count):
+        model.training_step(_to_device(next(batches), device, dtype), state)
+    for m, momentum in momenta.items():
+        m.momentum = momentum
 
 
 def run(run_dir: str | Path, resume: bool) -> dict:

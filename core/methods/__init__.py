@@ -4,7 +4,8 @@ A method is an ``nn.Module`` with
 
 - ``Config``: its pydantic config class (unknown keys refused),
 - ``groups()``: the networks optimised separately, by name (``{"model": …}``; GANs ``G``, ``D``, ``E``),
-- ``training_step(batch, step) -> {group: loss}``: one loss per optimised group,
+- ``training_step(batch, state) -> {group: loss}``: one loss per optimised group (``state`` a
+  ``core.schedule.StepState``: step, images seen, progressive-growing resolution and α, phase),
 - ``score(batch) -> (image_scores [B], pixel_maps [B, 1, H, W] or None)``.
 
 It is single-device code: the trainer owns devices, precision, ranks, optimisers and checkpoints.

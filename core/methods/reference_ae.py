@@ -47,7 +47,7 @@ class ReferenceAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch: dict, step: int = 0) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: dict, state=None) -> dict[str, torch.Tensor]:
         images = batch["image"]
         return {"model": torch.mean((self(images) - images) ** 2)}
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.methods import create_method, method_class, method_names
+from core.schedule import StepState
 
 SMALL = {"reference_ae": {"width": 8, "depth": 3, "bottleneck": 8}}
 
@@ -24,7 +25,7 @@ def batch(method, size=32, count=2):
 
 def test_training_step_gives_a_loss_per_group_with_gradients(method):
     method.train()
-    losses = method.training_step(batch(method), step=0)
+    losses = method.training_step(batch(method), StepState())
     assert set(losses) == set(method.groups())
     for group, loss in losses.items():
         assert loss.ndim == 0 and torch.isfinite(loss)

@@ -84,9 +84,9 @@ from trainers.loop import TrainingDiverged, run
 from trainers.run_dir import create_run_dir
 
 original = ReferenceAutoencoder.training_step
-def poisoned(self, batch, step=0):
-    losses = original(self, batch, step)
-    return {k: v * float("nan") for k, v in losses.items()} if step >= 3 else losses
+def poisoned(self, batch, state):
+    losses = original(self, batch, state)
+    return {k: v * float("nan") for k, v in losses.items()} if state.step >= 3 else losses
 ReferenceAutoencoder.training_step = poisoned
 config = load_config(None, sys.argv[2:])
 path = create_run_dir(config, "nan", path=sys.argv[1]).path
