@@ -31,5 +31,5 @@ def growth_at(images_seen: int, start_resolution: int, target_resolution: int, s
     if images_seen < stable_images or stage == 0:
         return start_resolution, 1.0, 0
     into = seen - (stage - 1) * period
-    alpha = 1.0 if stage == stages and into >= period else min(into / fade_images, 1.0)
+    alpha = min(into / fade_images, 1.0)
     return start_resolution * 2 ** stage, float(alpha), int(stage)

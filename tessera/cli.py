@@ -115,7 +115,13 @@ def ingest(sources: list[str] = typer.Argument(None, help="Slides, NIfTI files, 
 @app.command()
 def train(config: Optional[Path] = ConfigArg,
           overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-          nproc: int = typer.Option(1, min=1, help="Processes (ranks) on this machine; > 1 launches torchrun."),
+          nproc: int = typer.Option(1, min=1, help="Processes (ranks) per node; > 1 launches torchrun."),
+          nnodes: int = typer.Option(1, min=1, help="Nodes, each running this same command (e.g. one srun task "
+                                                    "per node); needs --rdzv-endpoint."),
+          rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the torchrun rendezvous on the first node."),
+          hostfile: Optional[Path] = typer.Option(None, help="Start ranks on every host of this MPI-style hostfile "
+                                                             "with the DeepSpeed launcher (ssh/pdsh)."),
+          nodes: Optional[str] = typer.Option(None, help="H1,H2,…: as --hostfile, --nproc slots on each host."),
           run_dir: Optional[Path] = typer.Option(None, help="Run directory; default runs/<name>-<timestamp>."),
           resume: bool = typer.Option(False, help="Continue the run in --run-dir from its latest checkpoint.")) -> None:
     """Train the config's method with DeepSpeed (gloo on CPU, NCCL on GPUs); resumable."""
@@ -123,21 +129,37 @@ def train(config: Optional[Path] = ConfigArg,
     import subprocess
     import sys
 
-    from trainers.run_dir import create_run_dir
+    from trainers.launch import Launch
+    from trainers.run_dir import create_run_dir, join_run_dir
 
+    try:
+        launch = Launch(nproc, nnodes, rdzv_endpoint, hostfile, tuple(h for h in (nodes or "").split(",") if h))
+    except ValueError as exc:
+        _fail(str(exc))
     if resume:
         if run_dir is None or not (run_dir / "config.yaml").is_file():
             _fail("--resume needs --run-dir pointing at an existing run (with its config.yaml)")
         if config is not None or overrides:
             _fail("--resume continues the run with its own config.yaml; drop CONFIG and --set")
         path = run_dir
+    elif launch.nnodes > 1:
+        # Every node runs this same command: the first creates the run directory, the others join it,
+        # and all continue from its latest checkpoint if there is one (a requeued allocation resumes).
+        if run_dir is None:
+            _fail("--nnodes needs --run-dir: every node must write into the same run directory")
+        resolved = _load(config, overrides)
+        try:
+            path = join_run_dir(resolved, resolved.name, run_dir)
+        except (FileExistsError, TimeoutError) as exc:
+            _fail(str(exc))
+        resume = True
     else:
         if run_dir is not None and run_dir.exists():
             _fail(f"run directory '{run_dir}' exists: add --resume to continue it, or choose another")
         resolved = _load(config, overrides)
         path = create_run_dir(resolved, resolved.name, resolved.runs_dir, path=run_dir).path
     typer.echo(f"run directory: {path}")
-    if nproc == 1 and "RANK" not in os.environ:
+    if launch.in_process and "RANK" not in os.environ:
         from trainers.loop import TrainingDiverged, run
 
         try:
@@ -145,8 +167,7 @@ def train(config: Optional[Path] = ConfigArg,
         except TrainingDiverged as exc:
             _fail(str(exc), code=3)
         return
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trainers.main", str(path)] + (["--resume"] if resume else [])
+    command = launch.command(path, resume)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # ranks share the cores
     code = subprocess.run(command, env=env).returncode
     if code:

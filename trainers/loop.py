@@ -7,6 +7,7 @@ rank writes logs, metrics and the checkpoint index.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -35,20 +36,13 @@ def resolve_precision(precision: str) -> str:
 
 
 def deepspeed_config(train: TrainConfig, precision: str, group: str | None = None, phase: str = "main") -> dict:
-    """The DeepSpeed config of one engine: the run's optimiser settings with the group's overrides. In the
-    SWA phase the optimiser and cyclic schedule are torch objects passed in (see Trainer._engines)."""
+    """The DeepSpeed config of one engine: the run's optimiser settings with the group's overrides. The
+    learning-rate schedule is a torch LambdaLR passed to deepspeed.initialize (lr_factor; in the SWA
+    phase swa_lr, with a torch optimiser too)."""
     override = train.groups.get(group) if group else None
     lr = override.lr if override and override.lr is not None else train.lr
     betas = override.betas if override and override.betas is not None else train.betas
     decay = override.weight_decay if override and override.weight_decay is not None else train.weight_decay
-    scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                "warmup_num_steps": max(train.warmup_steps, 1),
-                                                "warmup_type": "linear"}}
-    if train.lr_schedule == "cosine":
-        scheduler = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                         "warmup_num_steps": max(train.warmup_steps, 1),
-                                                         "total_num_steps": max(train.steps, train.warmup_steps + 1),
-                                                         "warmup_type": "linear"}}
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
@@ -60,7 +54,6 @@ def deepspeed_config(train: TrainConfig, precision: str, group: str | None = Non
         # torch's Adam: DeepSpeed's fused CPU Adam would first compile for ~40 s.
         config["optimizer"] = {"type": "AdamW" if decay else "Adam",
                                "params": {"lr": lr, "betas": list(betas), "weight_decay": decay, "torch_adam": True}}
-        config["scheduler"] = scheduler
     if train.clip_grad is not None and not own_clipping(train, precision):
         config["gradient_clipping"] = train.clip_grad
     if precision == "bf16":
@@ -68,6 +61,16 @@ def deepspeed_config(train: TrainConfig, precision: str, group: str | None = Non
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return config
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The main phase's learning rate over the peak: linear warm-up reaching 1 at step ``warmup_steps``,
+    then constant or a cosine decay to 0 at ``total_steps``. ``step`` counts optimiser steps from 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)))
+    return 1.0
 
 
 def own_clipping(train: TrainConfig, precision: str) -> bool:
@@ -137,7 +140,10 @@ class Trainer:
                 engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                                   config=config)
             else:
-                engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+                factor = functools.partial(lr_factor, warmup_steps=self.train.warmup_steps,
+                                           total_steps=self.train.steps, schedule=self.train.lr_schedule)
+                engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config,
+                                                  lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
             engines[group] = engine
         return engines
 

@@ -96,3 +96,27 @@ def create_run_dir(config: StrictConfig, name: str, root: str | Path = "runs",
     (path / "git.txt").write_text(code_version())
     (path / "metrics.jsonl").touch()
     return RunDir(path)
+
+
+def join_run_dir(config: StrictConfig, name: str, path: str | Path, timeout: float = 60.0) -> Path:
+    """The run directory every node of a multi-node run shares: created by whichever node comes first,
+    joined by the others, refused if it holds a different config (a stale directory, not this run)."""
+    path = Path(path)
+    try:
+        create_run_dir(config, name, path=path)
+        return path
+    except FileExistsError:
+        pass
+    wanted = config.to_yaml()
+    deadline = time.time() + timeout
+    while True:
+        text = (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else ""
+        if text == wanted:
+            return path
+        if not wanted.startswith(text):  # a prefix may be another node's config still being written
+            raise FileExistsError(f"run directory '{path}' holds another run's config.yaml; every node must be "
+                                  f"given the same config and overrides, or choose a new --run-dir")
+        if time.time() > deadline:
+            raise TimeoutError(f"run directory '{path}' exists but its config.yaml did not appear within "
+                               f"{timeout:.0f} s")
+        time.sleep(0.2)
