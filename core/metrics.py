@@ -111,6 +111,13 @@ class AnomalyMetrics:
             labels = np.zeros(scores.shape, bool) if pixel_labels is None else np.asarray(pixel_labels) > 0
             self._pixels.setdefault(group, ScoreTable(self.bins)).update(scores, labels)
 
+    def merge(self, other: "AnomalyMetrics") -> "AnomalyMetrics":
+        """Add another accumulator's cases and pixel tables (e.g. another rank's share of a split)."""
+        self.cases.extend(other.cases)
+        for group, table in other._pixels.items():
+            self._pixels[group] = self._pixels[group].merge(table) if group in self._pixels else table
+        return self
+
     def _summary(self, groups: set[str]) -> dict:
         from sklearn.metrics import average_precision_score, roc_auc_score
 

@@ -73,6 +73,7 @@ class VolumeStreamConfig(StrictConfig):
     splits: list[str] = ["train"]                     # keep volumes whose split is one of these
     labels: list[str] | None = None                   # keep these labels; None = all
     groups: list[str] | None = None                   # keep these groups; None = all
+    ids: list[str] | None = None                      # keep these slides/volumes (ids); None = all
     patch_size: int = Field(64, ge=8)                 # edge of random 3D patches (voxels)
     patches_per_volume: int = Field(8, ge=1)          # random patches drawn from each volume per epoch
     slice_axis: int = Field(0, ge=0, le=2)            # axis of the stored (z, y, x) array that slices cut
@@ -88,6 +89,7 @@ class StreamConfig(StrictConfig):
     splits: list[str] = ["train"]                     # keep tiles whose slide split is one of these
     labels: list[str] | None = None                   # keep these tile labels ("normal", "anomalous"); None = all
     groups: list[str] | None = None                   # keep these groups; None = all
+    ids: list[str] | None = None                      # keep these slides/volumes (ids); None = all
     min_tissue_fraction: float = Field(0.5, ge=0, le=1)  # drop tiles with less tissue than this
     max_tiles_per_slide: int | None = Field(None, ge=1)  # cap per slide (chosen by the epoch's shuffle)
     crop: Literal["none", "random", "center"] = "none"   # crop inside each indexed tile

@@ -34,6 +34,8 @@ def select_tiles(tiles, config: StreamConfig):
         keep &= tiles["label"].isin(config.labels)
     if config.groups is not None:
         keep &= tiles["group"].isin(config.groups)
+    if config.ids is not None:
+        keep &= tiles["slide_id"].isin(config.ids)
     return tiles[keep].reset_index(drop=True)
 
 

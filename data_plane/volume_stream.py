@@ -29,6 +29,8 @@ def select_volumes(volumes, config: VolumeStreamConfig):
         keep &= volumes["label"].isin(config.labels)
     if config.groups is not None:
         keep &= volumes["group"].isin(config.groups)
+    if config.ids is not None:
+        keep &= volumes["volume_id"].isin(config.ids)
     return volumes[keep].reset_index(drop=True)
 
 

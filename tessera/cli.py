@@ -179,14 +179,30 @@ def train(config: Optional[Path] = ConfigArg,
 def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
              store: Optional[str] = typer.Option(None, help="Store to evaluate on; default the run's data.store."),
              split: str = typer.Option("test", help="Split to score."),
-             groups: Optional[list[str]] = typer.Option(None, "--group", help="Only these anomaly groups (repeatable).")) -> None:
+             groups: Optional[list[str]] = typer.Option(None, "--group", help="Only these anomaly groups (repeatable)."),
+             nproc: int = typer.Option(1, min=1, help="Ranks scoring shares of the items (torchrun); 1 = in-process.")) -> None:
     """Score a split: metrics.json, ROC/PR curves, slide heatmaps and an index.html in RUN_DIR/eval-SPLIT."""
+    import json
+    import os
+    import subprocess
+    import sys
+
     from trainers.evaluate import evaluate as run_eval
 
-    try:
-        result = run_eval(run_dir, store, split, groups)
-    except (FileNotFoundError, NotImplementedError, ValueError) as exc:
-        _fail(str(exc))
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "trainers.eval_main", str(run_dir), "--split", split]
+        command += (["--store", store] if store else []) + [a for g in groups or [] for a in ("--group", g)]
+        code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                              ).returncode
+        if code:
+            _fail(f"evaluation failed (exit {code})", code=code)
+        result = json.loads((run_dir / f"eval-{split}" / "metrics.json").read_text())
+    else:
+        try:
+            result = run_eval(run_dir, store, split, groups)
+        except (FileNotFoundError, NotImplementedError, ValueError) as exc:
+            _fail(str(exc))
     overall = result["overall"]
     typer.echo(f"image AUROC {overall['image_auroc']:.3f}, AP {overall['image_ap']:.3f} "
                f"({overall['n_normal']} normal, {overall['n_anomalous']} anomalous)"

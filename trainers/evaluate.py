@@ -87,59 +87,106 @@ figure{{display:inline-block;margin:6px}}</style>
 """)
 
 
+def _share(ids, env) -> list[str]:
+    """This rank's items (slides or volumes) of the split: every world_size-th of the sorted ids."""
+    ids = sorted(set(ids))
+    return ids[env.rank::env.world_size] if env is not None else ids
+
+
+def _gather(env, part):
+    """Every rank's (metrics, figure names) on the main rank (None elsewhere); as is on a lone rank."""
+    if env is None or env.world_size == 1:
+        return [part]
+    import torch.distributed as dist
+
+    parts = [None] * env.world_size
+    dist.all_gather_object(parts, part)
+    return parts if env.is_main else None
+
+
+def _on(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _write_outputs(out: Path, run_dir: Path, parts: list) -> dict:
+    """Merge the ranks' shares and write metrics.json, the curves and index.html."""
+    metrics, names = AnomalyMetrics(), []
+    for part_metrics, part_names in parts:
+        metrics.merge(part_metrics)
+        names += part_names
+    result = metrics.compute()
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    _curves(np.array([c.score for c in metrics.cases]), np.array([c.label for c in metrics.cases]),
+            np.array([c.group for c in metrics.cases]), out)
+    _page(out, run_dir, result, sorted(names))
+    return result
+
+
 @torch.no_grad()
 def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test", groups: list[str] | None = None,
-             batch_size: int = 32, workers: int = 2, show_progress: bool = True) -> dict:
-    """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs."""
+             batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
+             device: torch.device | None = None) -> dict | None:
+    """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs.
+
+    With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
+    heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
+    """
     from rich.progress import track
     from torch.utils.data import DataLoader
 
     from data_plane.heatmap import render_overlay, write_heatmap
-    from data_plane.stream import TileStream
+    from data_plane.store import read_tile_index
+    from data_plane.stream import TileStream, select_tiles
     from tessera.config import load_config
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
     store = store or config.data.store
+    device = device or torch.device("cpu")
     if config.train.data == "slices":
-        return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress)
+        return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device)
     method, _ = load_method(run_dir)
+    method.to(device)
     stream_config = config.data.stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
                                                           "crop": "none", "crop_size": None, "augment": "none",
-                                                          "max_tiles_per_slide": None})
-    stream = TileStream(store, stream_config, stain=config.data.stain, shuffle=False).batched(batch_size)
-    metrics = AnomalyMetrics()
-    per_slide: dict[str, list] = {}
-    batches = DataLoader(stream, batch_size=None, num_workers=workers)
-    for batch in (track(batches, total=len(stream), description=f"eval {split}") if show_progress else batches):
-        scores, maps = method.score(batch)
-        for i in range(len(scores)):
-            slide, target = batch["slide_id"][i], int(batch["target"][i])
-            per_slide.setdefault(slide, []).append((batch["level0_yx"][i].numpy(), float(scores[i]),
-                                                    int(batch["index"][i])))
-            if target < 0:
-                continue  # "uncertain": partly annotated, neither normal nor anomalous
-            has_mask = bool(batch["has_mask"][i]) if "has_mask" in batch else False
-            metrics.add(float(scores[i]), target, batch["group"][i],
-                        maps[i, 0].numpy() if maps is not None and has_mask else None,
-                        batch["mask"][i, 0].numpy() if has_mask else None)
-    result = metrics.compute()
+                                                          "max_tiles_per_slide": None, "ids": None})
+    everything = select_tiles(read_tile_index(store), stream_config)
+    if len(everything) == 0:
+        raise ValueError(f"no tile of split '{split}' in store '{store}' passes the run's stream filters")
+    mine = _share(everything["slide_id"], env)
     out = run_dir / f"eval-{split}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    targets = np.array([c.label for c in metrics.cases])
-    _curves(np.array([c.score for c in metrics.cases]), targets, np.array([c.group for c in metrics.cases]), out)
+    metrics = AnomalyMetrics()
     names = []
-    for slide, entries in per_slide.items():
-        rows = stream.tiles.iloc[[e[2] for e in entries]]
-        footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
-        write_heatmap(store, slide, run_dir.name, np.stack([e[0] for e in entries]), footprint,
-                      scores=np.array([e[1] for e in entries]))
-        render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=run_dir.name,
-                       title=f"{slide}: {method.method_name} scores")
-        names.append(f"{slide}.png")
-    _page(out, run_dir, result, names)
-    return result
+    if mine:
+        stream_config = stream_config.model_copy(update={"ids": mine})
+        stream = TileStream(store, stream_config, stain=config.data.stain, shuffle=False).batched(batch_size)
+        per_slide: dict[str, list] = {}
+        batches = DataLoader(stream, batch_size=None, num_workers=workers)
+        show = show_progress and (env is None or env.is_main)
+        for batch in (track(batches, total=len(stream), description=f"eval {split}") if show else batches):
+            scores, maps = method.score(_on(batch, device))
+            scores, maps = scores.float().cpu(), (maps.float().cpu() if maps is not None else None)
+            for i in range(len(scores)):
+                slide, target = batch["slide_id"][i], int(batch["target"][i])
+                per_slide.setdefault(slide, []).append((batch["level0_yx"][i].numpy(), float(scores[i]),
+                                                        int(batch["index"][i])))
+                if target < 0:
+                    continue  # "uncertain": partly annotated, neither normal nor anomalous
+                has_mask = bool(batch["has_mask"][i]) if "has_mask" in batch else False
+                metrics.add(float(scores[i]), target, batch["group"][i],
+                            maps[i, 0].numpy() if maps is not None and has_mask else None,
+                            batch["mask"][i, 0].numpy() if has_mask else None)
+        for slide, entries in per_slide.items():
+            rows = stream.tiles.iloc[[e[2] for e in entries]]
+            footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
+            write_heatmap(store, slide, run_dir.name, np.stack([e[0] for e in entries]), footprint,
+                          scores=np.array([e[1] for e in entries]))
+            render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=run_dir.name,
+                           title=f"{slide}: {method.method_name} scores")
+            names.append(f"{slide}.png")
+    parts = _gather(env, (metrics, names))
+    return _write_outputs(out, run_dir, parts) if parts is not None else None
 
 
 EXPORT_FORMAT = "tessera-export-1"
@@ -242,53 +289,60 @@ def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
-                     show_progress: bool) -> dict:
-    """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics."""
+                     show_progress: bool, env=None, device: torch.device | None = None) -> dict | None:
+    """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
+    (with several ranks: each its share of the volumes, gathered on the main rank)."""
     import zarr
     from rich.progress import track
     from torch.utils.data import DataLoader
 
     from data_plane.store import store_path
-    from data_plane.volume_stream import SliceStream
-    from data_plane.volumes import write_volume_scores
+    from data_plane.volume_stream import SliceStream, select_volumes
+    from data_plane.volumes import volume_index, write_volume_scores
 
+    device = device or torch.device("cpu")
     method, _ = load_method(run_dir)
+    method.to(device)
     stream_config = config.data.volume_stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
-                                                                 "min_foreground": 0.0, "augment": "none"})
-    stream = SliceStream(store, stream_config, shuffle=False).batched(batch_size)
-    axis = stream_config.slice_axis
-    volumes = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
-    scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
-    batches = DataLoader(stream, batch_size=None, num_workers=workers)
-    for batch in (track(batches, total=len(stream), description=f"eval {split}") if show_progress else batches):
-        _, maps = method.score(batch)
-        for i, volume_id in enumerate(batch["volume_id"]):
-            plane_shape = [s for a, s in enumerate(scores[volume_id].shape) if a != axis]
-            plane = _unsquare(maps[i], *plane_shape)[0]
-            index = [slice(None)] * 3
-            index[axis] = int(batch["slice"][i])
-            scores[volume_id][tuple(index)] = plane
+                                                                 "min_foreground": 0.0, "augment": "none",
+                                                                 "ids": None})
+    everything = select_volumes(volume_index(store), stream_config)
+    if len(everything) == 0:
+        raise ValueError(f"no volume of split '{split}' in store '{store}' passes the run's stream filters")
+    mine = _share(everything["volume_id"], env)
     out = run_dir / f"eval-{split}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     metrics = AnomalyMetrics()
-    root = store_path(store)
     names = []
-    for volume_id, row in volumes.items():
-        target = {"normal": 0, "anomalous": 1}.get(row.label, -1)
-        sample = volume_score(scores[volume_id])
-        write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
-        if target < 0:
-            continue
-        mask = zarr.open_array(str(root / "volumes" / volume_id / "mask"), mode="r")[:] if row.has_mask else None
-        metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask)
-        if target == 1:
-            names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
-    result = metrics.compute()
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    _curves(np.array([c.score for c in metrics.cases]), np.array([c.label for c in metrics.cases]),
-            np.array([c.group for c in metrics.cases]), out)
-    _page(out, run_dir, result, names)
-    return result
+    if mine:
+        stream = SliceStream(store, stream_config.model_copy(update={"ids": mine}), shuffle=False).batched(batch_size)
+        axis = stream_config.slice_axis
+        volumes = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
+        scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
+        batches = DataLoader(stream, batch_size=None, num_workers=workers)
+        show = show_progress and (env is None or env.is_main)
+        for batch in (track(batches, total=len(stream), description=f"eval {split}") if show else batches):
+            _, maps = method.score(_on(batch, device))
+            maps = maps.float().cpu()
+            for i, volume_id in enumerate(batch["volume_id"]):
+                plane_shape = [s for a, s in enumerate(scores[volume_id].shape) if a != axis]
+                plane = _unsquare(maps[i], *plane_shape)[0]
+                index = [slice(None)] * 3
+                index[axis] = int(batch["slice"][i])
+                scores[volume_id][tuple(index)] = plane
+        root = store_path(store)
+        for volume_id, row in volumes.items():
+            target = {"normal": 0, "anomalous": 1}.get(row.label, -1)
+            sample = volume_score(scores[volume_id])
+            write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
+            if target < 0:
+                continue
+            mask = zarr.open_array(str(root / "volumes" / volume_id / "mask"), mode="r")[:] if row.has_mask else None
+            metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask)
+            if target == 1:
+                names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
+    parts = _gather(env, (metrics, names))
+    return _write_outputs(out, run_dir, parts) if parts is not None else None
 
 
 def _volume_figure(root: Path, volume_id: str, scores: np.ndarray, mask, folder: Path) -> str:

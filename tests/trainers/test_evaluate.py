@@ -56,6 +56,23 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
     assert (store / "slides" / "test_normal" / "heatmaps" / run_dir.name / "zarr.json").is_file()
 
 
+def test_eval_on_two_ranks_gives_the_same_metrics(trained):
+    from trainers.evaluate import evaluate
+
+    run_dir, _, _ = trained
+    alone = json.loads(json.dumps(evaluate(run_dir, split="test", workers=0, show_progress=False)))
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(run_dir), "--nproc", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "image AUROC" in done.stdout
+    shared = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
+    assert shared.keys() == alone.keys() and shared["groups"].keys() == alone["groups"].keys()
+    for name, values in [("overall", alone["overall"])] + list(alone["groups"].items()):
+        other = shared["overall"] if name == "overall" else shared["groups"][name]
+        assert other == pytest.approx(values, rel=1e-6, nan_ok=True), name  # batches differ: float rounding
+    assert len(list((run_dir / "eval-test" / "heatmaps").glob("*.png"))) >= 2  # both ranks wrote their slides'
+
+
 def test_export_then_score_new_slides(trained, tmp_path):
     from trainers.evaluate import export_run, score_inputs
 

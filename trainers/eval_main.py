@@ -1,0 +1,26 @@
+"""Worker entry point of a distributed evaluation: ``python -m trainers.eval_main RUN_DIR [--store S]
+[--split SPLIT] [--group G …]`` under torchrun; each rank scores its share of the items, the main
+rank writes the outputs."""
+
+import argparse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--store")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--group", action="append", dest="groups")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    from trainers.dist import DistEnv
+    from trainers.evaluate import evaluate
+
+    env = DistEnv.from_env()
+    device = env.init()
+    evaluate(args.run_dir, args.store, args.split, args.groups, workers=args.workers, env=env, device=device,
+             show_progress=env.is_main)
+
+
+if __name__ == "__main__":
+    main()
