@@ -143,34 +143,48 @@ def mood_outlier(image: torch.Tensor, kind: str, rng: np.random.Generator, foreg
     return OUTLIERS[kind](image, mask, rng, centre=centre, radius=radius), mask
 
 
-def fpi_box(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[slice, ...]:
-    """The FPI patch: per axis of size d, width ~ U(0.1·d, 0.4·d), centre ~ U(0.1·d, 0.9·d), clipped to the image."""
-    box = []
-    for size in shape:
-        width = rng.uniform(0.1 * size, 0.4 * size)
-        centre = rng.uniform(0.1 * size, 0.9 * size)
-        start, stop = int(round(max(centre - width / 2, 0))), int(round(min(centre + width / 2, size)))
-        box.append(slice(start, max(stop, start + 1)))
-    return tuple(box)
+FPI_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the discrete mode's α levels (5 classes)
 
 
-def foreign_patch_interpolation(image: torch.Tensor, other: torch.Tensor, rng: np.random.Generator,
-                                alpha: float | None = None, discrete: bool = False,
-                                box: tuple[slice, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blend a patch of ``other`` into ``image`` (both (C, *spatial)); returns (image', label (1, *spatial)).
+def fpi_boxes(count: int, shape: tuple[int, ...], generator: torch.Generator | None = None,
+              device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` FPI patches in an image of ``shape``: per axis of size d, width ~ U(0.1·d, 0.4·d) and
+    centre ~ U(0.1·d, 0.9·d), clipped to the image. Returns (start, stop), each (count, len(shape)) long."""
+    size = torch.tensor(shape, dtype=torch.float32, device=device)
+    u = torch.rand((count, len(shape), 2), generator=generator, device=device)
+    width = (0.1 + 0.3 * u[..., 0]) * size
+    centre = (0.1 + 0.8 * u[..., 1]) * size
+    start = (centre - width / 2).clamp(min=0).round().long()
+    stop = torch.maximum((centre + width / 2).clamp(max=size).round().long(), start + 1)
+    return start, stop
 
-    α ~ U(0, 1), or one of {0, 0.25, 0.5, 0.75, 1} when ``discrete``. The label is α where the patch
-    changed the image (x ≠ y in any channel) and 0 elsewhere.
+
+def foreign_patch_interpolation(image: torch.Tensor, other: torch.Tensor, alpha: torch.Tensor | None = None,
+                                discrete: bool = False, boxes: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blend a patch of ``other`` into ``image``, batched on their device: both (B, C, *spatial).
+
+    Returns (image', label (B, 1, *spatial), α (B,)). α ~ U(0, 1), or one of FPI_ALPHAS when ``discrete``.
+    The label is α where the patch changed the image (x ≠ y in any channel) and 0 elsewhere.
     """
     if image.shape != other.shape:
-        raise ValueError(f"FPI needs two samples of one shape, got {tuple(image.shape)} and {tuple(other.shape)}")
+        raise ValueError(f"FPI needs two batches of one shape, got {tuple(image.shape)} and {tuple(other.shape)}")
+    count, spatial, device = image.shape[0], tuple(image.shape[2:]), image.device
     if alpha is None:
-        alpha = float(rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])) if discrete else float(rng.uniform(0, 1))
-    box = box or fpi_box(tuple(image.shape[1:]), rng)
-    region = (slice(None), *box)
-    out = image.clone()
-    out[region] = (1 - alpha) * image[region] + alpha * other[region]
-    label = torch.zeros((1, *image.shape[1:]), dtype=torch.float32, device=image.device)
-    differs = (image[region] != other[region]).any(dim=0, keepdim=True)
-    label[region] = differs.float() * alpha
-    return out, label
+        if discrete:
+            levels = torch.tensor(FPI_ALPHAS, device=device)
+            alpha = levels[torch.randint(len(FPI_ALPHAS), (count,), generator=generator, device=device)]
+        else:
+            alpha = torch.rand(count, generator=generator, device=device)
+    start, stop = boxes if boxes is not None else fpi_boxes(count, spatial, generator, device)
+    inside = torch.ones((count, 1, *spatial), dtype=torch.bool, device=device)
+    for axis, size in enumerate(spatial):
+        coords = torch.arange(size, device=device)
+        along = (coords >= start[:, axis, None]) & (coords < stop[:, axis, None])  # (B, size)
+        view = [count, 1] + [size if a == axis else 1 for a in range(len(spatial))]
+        inside = inside & along.view(view)
+    weight = alpha.to(image.dtype).view(count, *[1] * (image.dim() - 1))
+    blended = torch.where(inside, (1 - weight) * image + weight * other, image)
+    changed = inside & (image != other).any(dim=1, keepdim=True)
+    label = changed.to(torch.float32) * alpha.to(torch.float32).view(count, *[1] * (image.dim() - 1))
+    return blended, label, alpha

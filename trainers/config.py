@@ -49,7 +49,8 @@ class GrowingConfig(StrictConfig):
 class TrainConfig(StrictConfig):
     """One training run. Steps count optimiser steps; a step is `grad_accum` micro-batches on every rank."""
 
-    data: Literal["tiles", "slices"] = "tiles"        # stream: tiles of data.stream, or slices of data.volume_stream
+    data: Literal["tiles", "slices", "slice_pairs"] = "tiles"  # stream: tiles of data.stream, or slices of
+                                                      # data.volume_stream (pairs: slice k of two volumes, for FPI)
     steps: int = Field(1000, ge=1)                    # optimiser steps in the main phase
     micro_batch: int = Field(16, ge=1)                # images per rank per forward pass
     grad_accum: int = Field(1, ge=1)                  # micro-batches accumulated per optimiser step

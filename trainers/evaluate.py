@@ -143,7 +143,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     config = load_config(run_dir / "config.yaml")
     store = store or config.data.store
     device = device or torch.device("cpu")
-    if config.train.data == "slices":
+    if config.train.data in ("slices", "slice_pairs"):
         return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device)
     method, _ = load_method(run_dir)
     method.to(device)
@@ -333,7 +333,8 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
         root = store_path(store)
         for volume_id, row in volumes.items():
             target = {"normal": 0, "anomalous": 1}.get(row.label, -1)
-            sample = volume_score(scores[volume_id])
+            sample = method.sample_score(scores[volume_id]) if hasattr(method, "sample_score") \
+                else volume_score(scores[volume_id])
             write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
             if target < 0:
                 continue

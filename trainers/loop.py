@@ -170,10 +170,11 @@ class Trainer:
 
     def _stream(self):
         data = self.config.data
-        if self.train.data == "slices":
-            from data_plane.volume_stream import SliceStream
+        if self.train.data in ("slices", "slice_pairs"):
+            from data_plane.volume_stream import PairedSliceStream, SliceStream
 
-            stream = SliceStream(data.store, data.volume_stream, rank=self.env.rank, world_size=self.env.world_size)
+            kind = PairedSliceStream if self.train.data == "slice_pairs" else SliceStream
+            stream = kind(data.store, data.volume_stream, rank=self.env.rank, world_size=self.env.world_size)
         else:
             from data_plane.stream import TileStream
 

@@ -6,7 +6,9 @@ A method is an ``nn.Module`` with
 - ``groups()``: the networks optimised separately, by name (``{"model": …}``; GANs ``G``, ``D``, ``E``),
 - ``training_step(batch, state) -> {group: loss}``: one loss per optimised group (``state`` a
   ``core.schedule.StepState``: step, images seen, progressive-growing resolution and α, phase),
-- ``score(batch) -> (image_scores [B], pixel_maps [B, 1, H, W] or None)``.
+- ``score(batch) -> (image_scores [B], pixel_maps [B, 1, H, W] or None)``,
+- optionally ``sample_score(voxel_scores) -> float``: a volume's score from its reassembled voxel map
+  (default: trainers.evaluate.volume_score, the mean of the top 0.1 %).
 
 It is single-device code: the trainer owns devices, precision, ranks, optimisers and checkpoints.
 Adding a method is its own file plus one ``@register_method`` line.
@@ -36,7 +38,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 def _load_all() -> None:
     # Importing a method's module registers it; the list is the one place that names every method file.
-    from core.methods import reference_ae  # noqa: F401
+    from core.methods import fpi, reference_ae  # noqa: F401
 
 
 def method_names() -> list[str]:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.anomalies import OUTLIER_KINDS, foreign_patch_interpolation, fpi_box, mood_outlier
+from core.anomalies import FPI_ALPHAS, OUTLIER_KINDS, foreign_patch_interpolation, fpi_boxes, mood_outlier
 
 
 def brain_like(shape, seed=0):
@@ -47,26 +47,41 @@ def test_outlier_centres_fall_inside_the_foreground():
 @pytest.mark.parametrize("shape", [(64, 64), (24, 64, 64)])
 @pytest.mark.parametrize("discrete", [False, True])
 def test_fpi_follows_the_formulas(shape, discrete):
-    rng = np.random.default_rng(3)
-    a, b = brain_like(shape, 1), brain_like(shape, 2)
-    b[(slice(None),) + tuple(slice(0, s // 3) for s in shape)] = a[(slice(None),) + tuple(slice(0, s // 3) for s in shape)]
-    for _ in range(20):
-        box = fpi_box(shape, np.random.default_rng(rng.integers(1 << 30)))
-        for size, part in zip(shape, box):
-            width = part.stop - part.start
-            assert 0 <= part.start < part.stop <= size and width <= 0.4 * size + 1
-        out, label = foreign_patch_interpolation(a, b, rng, discrete=discrete, box=box)
-        alpha = float(label.max()) if label.max() > 0 else None
-        region = (slice(None), *box)
+    generator = torch.Generator().manual_seed(3)
+    count = 16
+    a = torch.stack([brain_like(shape, 1 + i) for i in range(count)])
+    b = torch.stack([brain_like(shape, 100 + i) for i in range(count)])
+    corner = (slice(None), slice(None)) + tuple(slice(0, s // 3) for s in shape)
+    b[corner] = a[corner]  # where A == B the label must stay 0 even inside the patch
+    start, stop = fpi_boxes(count, shape, generator)
+    width = stop - start
+    size = torch.tensor(shape)
+    assert torch.all(start >= 0) and torch.all(stop <= size) and torch.all(width >= 1)
+    assert torch.all(width <= 0.4 * size + 1)
+    assert torch.all((width >= 0.1 * size - 1) | (stop == size) | (start == 0))  # only clipping shrinks a box
+    out, label, alpha = foreign_patch_interpolation(a, b, discrete=discrete, boxes=(start, stop), generator=generator)
+    if discrete:
+        assert set(alpha.tolist()) <= set(FPI_ALPHAS)
+    else:
+        assert torch.all((alpha >= 0) & (alpha <= 1)) and len(set(alpha.tolist())) == count
+    for i in range(count):
+        region = tuple(slice(int(s0), int(s1)) for s0, s1 in zip(start[i], stop[i]))
         inside = torch.zeros((1, *shape), dtype=torch.bool)
-        inside[region] = True
-        differs = (a != b).any(0, keepdim=True)
-        if alpha is not None:
-            if discrete:
-                assert alpha in (0.25, 0.5, 0.75, 1.0)
-            # label == alpha exactly inside the patch where A != B, zero elsewhere
-            assert torch.all(label[inside & differs] == alpha)
-            assert torch.all(label[~(inside & differs)] == 0)
-            expected = (1 - alpha) * a[region] + alpha * b[region]
-            assert torch.allclose(out[region], expected)
-        assert torch.equal(out[~inside.expand_as(out)], a[~inside.expand_as(a)])
+        inside[(slice(None), *region)] = True
+        differs = (a[i] != b[i]).any(0, keepdim=True)
+        # label == alpha exactly inside the patch where A != B, zero elsewhere
+        assert torch.all(label[i][inside & differs] == alpha[i])
+        assert torch.all(label[i][~(inside & differs)] == 0)
+        expected = (1 - alpha[i]) * a[i][(slice(None), *region)] + alpha[i] * b[i][(slice(None), *region)]
+        assert torch.allclose(out[i][(slice(None), *region)], expected)
+        assert torch.equal(out[i][~inside.expand_as(out[i])], a[i][~inside.expand_as(a[i])])
+
+
+def test_fpi_box_sizes_and_centres_cover_the_stated_ranges():
+    start, stop = fpi_boxes(20000, (100, 200), torch.Generator().manual_seed(0))
+    width, centre = (stop - start).float(), (start + stop).float() / 2
+    size = torch.tensor([100.0, 200.0])
+    unclipped = (start > 0) & (stop < size)
+    fraction = width[unclipped[:, 1], 1] / 200
+    assert 0.095 <= fraction.min() and fraction.max() <= 0.405 and 0.23 < fraction.mean() < 0.27
+    assert 0.08 <= (centre[:, 0] / 100).min() and (centre[:, 0] / 100).max() <= 0.92

@@ -9,7 +9,7 @@ import torch
 from core.methods import create_method, method_class, method_names
 from core.schedule import StepState
 
-SMALL = {"reference_ae": {"width": 8, "depth": 3, "bottleneck": 8}}
+SMALL = {"reference_ae": {"width": 8, "depth": 3, "bottleneck": 8}, "fpi": {"base": 4, "widen": 1, "depth": 6}}
 
 
 @pytest.fixture(params=method_names())
