@@ -282,6 +282,136 @@ def demo(config: Path = typer.Option(Path(__file__).resolve().parent.parent / "c
         _fail(str(exc), code=1)
 
 
+jobs_app = typer.Typer(help="Follow jobs submitted with `tessera submit` (the registry in $TESSERA_JOBS, default runs/jobs).",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(command: list[str] = typer.Argument(..., help="The tessera command to run, after `--`, e.g. "
+                                                          "`-- train configs/x.yaml --run-dir runs/x`."),
+           backend: str = typer.Option("local", help="local, slurm, ray or kubernetes."),
+           name: str = typer.Option("tessera", help="Job name."),
+           nodes: int = typer.Option(1, min=1, help="Nodes."),
+           gpus_per_node: int = typer.Option(0, min=0, help="GPUs per node (training: one rank each)."),
+           tasks_per_node: Optional[int] = typer.Option(None, min=1, help="Ranks per node (default: GPUs, or 1)."),
+           cpus_per_task: int = typer.Option(4, min=1, help="CPUs per rank."),
+           mem_per_task: Optional[str] = typer.Option("16G", help="Memory per rank, e.g. 16G."),
+           time_limit: str = typer.Option("04:00:00", "--time", help="Wall-clock limit [D-]HH:MM:SS."),
+           partition: Optional[str] = typer.Option(None, help="Slurm partition."),
+           account: Optional[str] = typer.Option(None, help="Slurm account."),
+           qos: Optional[str] = typer.Option(None, help="Slurm QOS."),
+           image: Optional[str] = typer.Option(None, help="Container image (Kubernetes; pyxis on Slurm)."),
+           env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job (repeatable; no secrets)."),
+           pass_env: Optional[list[str]] = typer.Option(None, "--pass-env", help="Forward this variable by name "
+                                                                              "from this shell (repeatable)."),
+           workdir: Path = typer.Option(Path("."), help="Working directory of the job."),
+           log_dir: Path = typer.Option(Path("runs/jobs"), help="Where job scripts and logs go."),
+           python: Optional[str] = typer.Option(None, help="Python on the nodes (default: this interpreter; in "
+                                                           "containers `python`)."),
+           namespace: str = typer.Option("default", help="Kubernetes namespace."),
+           shared_volume: Optional[str] = typer.Option(None, help="Kubernetes PVC mounted at --workdir."),
+           ray_address: Optional[str] = typer.Option(None, help="Ray dashboard address for --backend ray."),
+           dry_run: bool = typer.Option(False, help="Print the script or manifest; submit nothing.")) -> None:
+    """Run a tessera command as a job on this machine, Slurm, a Ray cluster or Kubernetes."""
+    import sys
+
+    from pydantic import ValidationError
+
+    from cluster import registry
+    from cluster.backends import BackendError, get_backend
+    from cluster.spec import JobSpec
+
+    variables = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--env {item!r}: expected KEY=VALUE")
+        variables[key] = value
+    if command and command[0] == "tessera":
+        command = command[1:]  # `-- tessera train …` and `-- train …` mean the same
+    try:
+        spec = JobSpec(command=command, name=name, nodes=nodes, gpus_per_node=gpus_per_node,
+                       tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task, mem_per_task=mem_per_task,
+                       time=time_limit, partition=partition, account=account, qos=qos, image=image, env=variables,
+                       pass_env=pass_env or [], workdir=workdir, log_dir=log_dir,
+                       python=python or ("python" if backend == "kubernetes" else sys.executable),
+                       namespace=namespace, shared_volume=shared_volume, ray_address=ray_address)
+        chosen = get_backend(backend)
+        if dry_run:
+            typer.echo(chosen.render(spec), nl=False)
+            return
+        fields = chosen.submit(spec)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in exc.errors()))
+    except (BackendError, ValueError) as exc:
+        _fail(str(exc))
+    record = registry.add({"backend": backend, "name": name, "spec": spec.model_dump(mode="json"), **fields})
+    typer.echo(f"submitted {record['id']} ({backend} id {record['backend_id']}); logs: {record['log']}")
+
+
+def _job(job_id: str):
+    from cluster import registry
+    from cluster.backends import get_backend
+
+    try:
+        record = registry.load(job_id)
+    except KeyError as exc:
+        _fail(str(exc).strip("'\""))
+    return record, get_backend(record["backend"])
+
+
+@jobs_app.command("list")
+def jobs_list() -> None:
+    """Every registered job with its current state."""
+    from cluster import registry
+    from cluster.backends import BackendError, get_backend
+
+    for record in registry.all_jobs():
+        try:
+            state = get_backend(record["backend"]).status(record)
+        except BackendError as exc:
+            state = f"? ({exc})"
+        command = " ".join(record["spec"]["command"])
+        typer.echo(f"{record['id']}  {record['backend']:<10} {record['backend_id']:<12} {state:<10} {command[:60]}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str = typer.Argument(..., help="Job id (or a unique part of it).")) -> None:
+    record, backend = _job(job_id)
+    typer.echo(backend.status(record))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(..., help="Job id (or a unique part of it)."),
+              follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
+    import time
+
+    record, backend = _job(job_id)
+    if follow and hasattr(backend, "follow"):
+        for chunk in backend.follow(record):
+            typer.echo(chunk, nl=False)
+        return
+    shown = 0
+    while True:
+        text = backend.logs(record)
+        typer.echo(text[shown:], nl=False)
+        shown = len(text)
+        if not follow or backend.status(record) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            return
+        time.sleep(2)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique part of it).")) -> None:
+    from cluster import registry
+
+    record, backend = _job(job_id)
+    backend.cancel(record)
+    registry.save(record)
+    typer.echo(f"cancel requested for {record['id']} ({record['backend']} id {record['backend_id']})")
+
+
 def main() -> None:
     app()
 
