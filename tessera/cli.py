@@ -127,7 +127,6 @@ def train(config: Optional[Path] = ConfigArg,
     """Train the config's method with DeepSpeed (gloo on CPU, NCCL on GPUs); resumable."""
     import os
     import subprocess
-    import sys
 
     from trainers.launch import Launch
     from trainers.run_dir import create_run_dir, join_run_dir

@@ -318,27 +318,38 @@ class Trainer:
                 "counts": {g: 0 for g in self.engines}}
 
     def fit(self) -> dict:
+        self.advance(self.total_steps)
+        self._finish(self._running["batches"])
+        return {"step": self.step}
+
+    def advance(self, until: int, show_progress: bool = True) -> None:
+        """Train up to step ``until`` (at most the run's total). Callable repeatedly: a search reads the
+        model between calls (tune reports validation AUROC every few steps) and the stream, tick and
+        checkpoint clock carry on where the last call stopped."""
         import torch.distributed as dist
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         train = self.train
-        if self.log:
-            self.log.log(f"training {self.config.method.name} for {train.steps} steps"
-                         f"{f' + {train.swa.steps} SWA steps' if train.swa else ''} on {self.env.world_size} "
-                         f"rank(s), {self.device.type}, {self.precision}; global batch {self.images_per_step} = "
-                         f"{train.micro_batch} micro x {train.grad_accum} accumulation x {self.env.world_size} ranks")
+        if getattr(self, "_running", None) is None:
+            if self.log:
+                self.log.log(f"training {self.config.method.name} for {train.steps} steps"
+                             f"{f' + {train.swa.steps} SWA steps' if train.swa else ''} on {self.env.world_size} "
+                             f"rank(s), {self.device.type}, {self.precision}; global batch {self.images_per_step} = "
+                             f"{train.micro_batch} micro x {train.grad_accum} accumulation x {self.env.world_size} ranks")
+            self._running = {"batches": self._batches(), "last_checkpoint": time.time(), "tick": self._new_tick()}
+        running = self._running
+        batches = running["batches"]
         self.method.train()
-        batches = self._batches()
-        last_checkpoint = time.time()
-        tick = self._new_tick()
+        until = min(until, self.total_steps)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[status]}")]
-        with Progress(*columns, disable=not self.env.is_main) as bar:
+        with Progress(*columns, disable=not (self.env.is_main and show_progress)) as bar:
             task = bar.add_task(f"train {self.config.name}", total=self.total_steps, completed=self.step, status="")
-            while self.step < self.total_steps:
+            while self.step < until:
                 if self.step == train.steps and train.swa is not None and self.phase == "main":
                     self._enter_swa()
-                    tick = self._new_tick()
+                    running["tick"] = self._new_tick()
+                tick = running["tick"]
                 state = self.state()
                 for _ in range(train.grad_accum):
                     waited = time.perf_counter()
@@ -354,18 +365,17 @@ class Trainer:
                 if self.step % train.log_every == 0 or self.step == self.total_steps:
                     record = self._tick(tick)
                     bar.update(task, status=" ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss")))
-                    tick = self._new_tick()
+                    running["tick"] = self._new_tick()
                 due = self.step % train.checkpoint_every == 0 or self.step in (train.steps, self.total_steps)
                 if train.checkpoint_minutes is not None:
-                    late = torch.tensor([float((time.time() - last_checkpoint) / 60 >= train.checkpoint_minutes)])
+                    late = (time.time() - running["last_checkpoint"]) / 60 >= train.checkpoint_minutes
+                    late = torch.tensor([float(late)])
                     if self.env.world_size > 1:
                         dist.all_reduce(late, op=dist.ReduceOp.MAX)  # ranks must agree: saving is collective
                     due = due or bool(late.item())
                 if due:
                     self.save_checkpoint()
-                    last_checkpoint = time.time()
-        self._finish(batches)
-        return {"step": self.step}
+                    running["last_checkpoint"] = time.time()
 
     def _finish(self, batches) -> None:
         """final.pt: the weight average if there is one (SWA's with BatchNorm statistics recomputed on

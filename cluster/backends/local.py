@@ -38,17 +38,19 @@ class LocalBackend(Backend):
 
     def status(self, record: dict) -> str:
         rc = Path(record["rc_file"])
-        if record.get("cancelled"):
-            return "CANCELLED"
         if rc.is_file() and rc.read_text().strip():
             return "COMPLETED" if rc.read_text().strip() == "0" else "FAILED"
         try:
             os.kill(int(record["backend_id"]), 0)
-            return "RUNNING"
+            alive = True
         except ProcessLookupError:
-            return "FAILED"  # gone without writing its status: killed from outside
+            alive = False
         except PermissionError:
-            return "RUNNING"
+            alive = True
+        if alive:
+            return "RUNNING"  # also while a cancelled job is still shutting down
+        # gone without writing its status: cancelled here, or killed from outside
+        return "CANCELLED" if record.get("cancelled") else "FAILED"
 
     def logs(self, record: dict) -> str:
         log = Path(record["log"])
