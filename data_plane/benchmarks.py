@@ -46,8 +46,9 @@ def split_counts(subjects: int) -> tuple[int, int, int]:
 
 
 def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 2, seed: int = 0,
-                         show_progress: bool = True) -> Path:
-    """Write the benchmark into ``out``; returns the manifest CSV."""
+                         show_progress: bool = True, val_anomalous: int = 0) -> Path:
+    """Write the benchmark into ``out``; returns the manifest CSV. ``val_anomalous`` more subjects, with
+    outliers, form a ``val`` split: the few known anomalies a weakly-supervised search chooses by."""
     import nibabel
     import torch
     from nilearn import datasets
@@ -66,7 +67,7 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     n_train, n_test_normal, n_anomalous = split_counts(subjects)
     rows = []
     examples = {}
-    steps = range(subjects)
+    steps = range(subjects + val_anomalous)
     for i in (track(steps, description="brain subjects") if show_progress else steps):
         sample = _subject_transform(seed * 100_003 + i)({"image": t1[None], "brain": brain_mask[None].astype(np.float32)})
         image = torch.as_tensor(sample["image"]).float()
@@ -78,10 +79,11 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
         split, label, group = "train", "normal", ""
         mask = None
         if i >= n_train:
-            split = "test"
+            split = "test" if i < subjects else "val"
             mask = torch.zeros_like(foreground)
             if i >= n_train + n_test_normal:
-                label, group = "anomalous", OUTLIER_KINDS[(i - n_train - n_test_normal) % len(OUTLIER_KINDS)]
+                first = n_train + n_test_normal if i < subjects else subjects
+                label, group = "anomalous", OUTLIER_KINDS[(i - first) % len(OUTLIER_KINDS)]
                 rng = np.random.default_rng((seed, i))
                 image, mask = mood_outlier(image, group, rng, foreground=foreground, radius_range=(0.08, 0.18))
                 examples.setdefault(group, (image[0].numpy(), mask.numpy()))

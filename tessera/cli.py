@@ -243,13 +243,16 @@ app.add_typer(bench_app, name="make-benchmark")
 def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfTI images, labels, manifest.csv)."),
                          subjects: int = typer.Option(20, min=5, help="Number of subjects."),
                          resolution: int = typer.Option(2, min=1, max=2, help="MNI152 resolution in mm: 1 or 2."),
-                         seed: int = typer.Option(0, help="Seed of deformations and outliers.")) -> None:
+                         seed: int = typer.Option(0, help="Seed of deformations and outliers."),
+                         val_anomalous: int = typer.Option(0, min=0, help="Extra subjects with outliers in a "
+                                                                            "'val' split (known anomalies for tune).")) -> None:
     """Brain MRI subjects from the MNI152 template, with MOOD's five outlier kinds in the test split."""
     from data_plane.benchmarks import make_brain_benchmark, split_counts
 
-    manifest = make_brain_benchmark(out, subjects, resolution, seed)
+    manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous)
     train, normal, anomalous = split_counts(subjects)
-    typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous) "
+    typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous"
+               f"{f', {val_anomalous} val anomalous' if val_anomalous else ''}) "
                f"-> {manifest}; ingest with: tessera ingest --manifest {manifest} --store STORE")
 
 
@@ -279,6 +282,39 @@ def demo(config: Path = typer.Option(Path(__file__).resolve().parent.parent / "c
         run_demo(resolved)
     except SampleDataError as exc:
         _fail(str(exc), code=1)
+
+
+@app.command("tune")
+def tune_command(config: Optional[Path] = ConfigArg,
+                 overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+                 samples: Optional[int] = typer.Option(None, min=1, help="Trials (default tune.samples)."),
+                 folds: Optional[int] = typer.Option(None, min=2, help="Folds of the normal training items."),
+                 ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (default: a local runtime)."),
+                 name: Optional[str] = typer.Option(None, help="Experiment name (default: the config's name)."),
+                 resume: bool = typer.Option(False, help="Continue the experiment after an interruption."),
+                 final: bool = typer.Option(False, help="Then retrain the best (and the unsupervised) pick on all "
+                                                        "training data and evaluate on the test split.")) -> None:
+    """Weakly-supervised hyperparameter search: a few known anomalies choose, K-fold, ASHA, Ray Tune."""
+    import json
+
+    from tune.search import final_run, tune_experiment
+
+    resolved = _load(config, overrides)
+    try:
+        summary = tune_experiment(resolved, str(config) if config else None, samples, folds, ray_address, resume, name)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    experiment = Path(summary["experiment"])
+    typer.echo(f"{summary['trials']} trials, {len(summary['failed'])} failed; best {summary['best']['trial']} "
+               f"(mean validation AUROC {summary['best']['mean_val_auroc']:.3f}) -> {experiment / 'best.yaml'}; "
+               f"unsupervised pick {summary['unsupervised']['trial']}")
+    for failure in summary["failed"]:
+        typer.echo(f"  failed: {failure['trial']}: {failure['error']}")
+    if final:
+        results = {pick: final_run(experiment, pick)["overall"] for pick in ("best", "unsupervised")}
+        (experiment / "final.json").write_text(json.dumps(results, indent=1))
+        for pick, overall in results.items():
+            typer.echo(f"  {pick}: test image AUROC {overall['image_auroc']:.3f}")
 
 
 jobs_app = typer.Typer(help="Follow jobs submitted with `tessera submit` (the registry in $TESSERA_JOBS, default runs/jobs).",

@@ -19,6 +19,7 @@ from core.config import StrictConfig
 from core.methods import MethodConfig
 from data_plane.config import DataConfig
 from trainers.config import TrainConfig
+from tune.config import TuneConfig
 
 
 class RunConfig(StrictConfig):
@@ -30,6 +31,7 @@ class RunConfig(StrictConfig):
     data: DataConfig = DataConfig()
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,76 @@
+"""What a trial reports: the validation AUROC of a fold's model on its held-out normal items against
+the known validation anomalies (image level: tiles, or whole volumes from reassembled voxel scores),
+and, for the unsupervised comparison, its training loss on the held-out normals."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.schedule import StepState
+from tune.folds import Folds
+
+
+def _on(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), batch_size: int = 32,
+             loss_batches: int = 8) -> dict:
+    """{"val_auroc": …, "val_loss": …} of ``method`` (left in eval mode) for fold ``k``."""
+    from sklearn.metrics import roc_auc_score
+
+    method.eval()
+    held, anomalies = set(folds.folds[k]), set(folds.anomalies)
+    splits = sorted({"train", config.tune.val_split})
+    if folds.kind == "tiles":
+        from data_plane.stream import TileStream
+
+        stream_config = config.data.stream.model_copy(update={
+            "splits": splits, "ids": sorted(held | anomalies), "labels": ["normal", "anomalous"], "groups": None,
+            "crop": "none", "crop_size": None, "augment": "none", "max_tiles_per_slide": None})
+        stream = TileStream(config.data.store, stream_config, stain=config.data.stain, shuffle=False)
+        labels, scores = [], []
+        for batch in stream.batched(batch_size):
+            batch_scores = method.score(_on(batch, device))[0].float().cpu().numpy()
+            for item, target, score in zip(batch["slide_id"], batch["target"].tolist(), batch_scores):
+                if (item in held and target == 0) or (item in anomalies and target == 1):
+                    labels.append(target)
+                    scores.append(float(score))
+        normal_stream = TileStream(config.data.store, stream_config.model_copy(update={
+            "ids": sorted(held), "crop": config.data.stream.crop, "crop_size": config.data.stream.crop_size}),
+            stain=config.data.stain, shuffle=False)
+    else:
+        from data_plane.volume_stream import SliceStream
+        from trainers.evaluate import _unsquare, volume_score
+
+        stream_config = config.data.volume_stream.model_copy(update={
+            "splits": splits, "ids": sorted(held | anomalies), "labels": None, "groups": None,
+            "min_foreground": 0.0, "augment": "none"})
+        stream = SliceStream(config.data.store, stream_config, shuffle=False)
+        axis = stream_config.slice_axis
+        rows = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
+        voxels = {v: np.zeros((r.shape_z, r.shape_y, r.shape_x), np.float32) for v, r in rows.items()}
+        for batch in stream.batched(batch_size):
+            maps = method.score(_on(batch, device))[1].float().cpu()
+            for i, volume_id in enumerate(batch["volume_id"]):
+                shape = [s for a, s in enumerate(voxels[volume_id].shape) if a != axis]
+                index = [slice(None)] * 3
+                index[axis] = int(batch["slice"][i])
+                voxels[volume_id][tuple(index)] = _unsquare(maps[i], *shape)[0]
+        reduce = getattr(method, "sample_score", volume_score)
+        labels = [1 if v in anomalies else 0 for v in voxels]
+        scores = [reduce(voxels[v]) for v in voxels]
+        normal_stream = SliceStream(config.data.store, config.data.volume_stream.model_copy(update={
+            "splits": ["train"], "ids": sorted(held), "labels": None, "groups": None}), shuffle=False)
+    losses = []
+    torch.manual_seed(0)  # the same synthetic draws for every trial: losses compare
+    for i, batch in enumerate(normal_stream.batched(batch_size)):
+        if i >= loss_batches:
+            break
+        losses.append(float(sum(method.training_step(_on(batch, device), StepState()).values())))
+    both = len(set(labels)) == 2
+    return {"val_auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+            "val_loss": float(np.mean(losses)) if losses else float("nan"),
+            "val_normals": labels.count(0), "val_anomalies": labels.count(1)}

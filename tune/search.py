@@ -1,0 +1,253 @@
+"""``tessera tune``: a Ray Tune search in which every trial trains K fold models (each a normal
+trainers run in the experiment's ``trials/`` folder) side by side, reporting their mean validation
+AUROC on the known anomalies every ``report_every`` steps; ASHA stops weak trials at those reports.
+
+The experiment folder ``<experiments_dir>/<name>/`` holds ``config.yaml`` (the base config),
+``folds.json`` (the saved split), Ray Tune's state (so ``--resume`` continues after the driver is
+killed), ``results.parquet`` (every trial x report x fold), ``best.yaml``, ``unsupervised.yaml``
+(the pick by lowest validation loss on normals) and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def apply_params(tree: dict, params: dict) -> dict:
+    """The config tree with dotted keys set (``train.lr`` -> tree["train"]["lr"])."""
+    tree = copy.deepcopy(tree)
+    for key, value in params.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def search_space(space: dict) -> dict:
+    from ray import tune
+
+    build = {"choice": lambda d: tune.choice(d.values), "grid": lambda d: tune.grid_search(d.values),
+             "uniform": lambda d: tune.uniform(d.low, d.high), "loguniform": lambda d: tune.loguniform(d.low, d.high),
+             "randint": lambda d: tune.randint(int(d.low), int(d.high))}
+    return {key: build[d.type](d) for key, d in space.items()}
+
+
+def fold_config(base: dict, params: dict, folds, k: int | None):
+    """The run config of one fold (k None: all normal training items, for the final retrain)."""
+    from tessera.config import RunConfig
+
+    tree = apply_params(base, params)
+    section = "volume_stream" if folds.kind == "volumes" else "stream"
+    tree["data"][section]["ids"] = folds.train if k is None else folds.fold_train(k)
+    tree["data"][section]["splits"] = ["train"]
+    return RunConfig.model_validate(tree)
+
+
+def run_trial(params: dict, base: dict, experiment: str) -> None:
+    """Ray Tune's function trainable: K fold trainers advanced together, validated at each report."""
+    import torch
+    from ray import tune
+
+    from trainers.dist import DistEnv
+    from trainers.loop import Trainer
+    from trainers.run_dir import create_run_dir
+    from tune.folds import Folds
+    from tune.objective import validate
+
+    experiment = Path(experiment)
+    folds = Folds.load(experiment / "folds.json")
+    trial_id = tune.get_context().get_trial_id()
+    attempts = experiment / "trials" / trial_id / "attempts.jsonl"  # one line per start: retries show here
+    attempts.parent.mkdir(parents=True, exist_ok=True)
+    with open(attempts, "a") as f:
+        f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "params": params}) + "\n")
+    env = DistEnv.from_env()
+    device = env.init()
+    trainers = []
+    for k in range(len(folds.folds)):
+        config = fold_config(base, params, folds, k)
+        config = config.model_copy(update={"train": config.train.model_copy(update={
+            "checkpoint_every": config.tune.report_every, "checkpoint_minutes": None})})
+        run_dir = experiment / "trials" / trial_id / f"fold{k}"
+        if not (run_dir / "config.yaml").is_file():
+            create_run_dir(config, f"{trial_id}-fold{k}", path=run_dir)
+        trainer = Trainer(config, run_dir, env, device)
+        trainer.load_checkpoint()  # a restored or retried trial continues from its folds' checkpoints
+        trainers.append(trainer)
+    every = base["tune"]["report_every"]
+    total = trainers[0].total_steps
+    start = min(t.step for t in trainers)
+    for until in range(((start // every) + 1) * every, total + every, every):
+        until = min(until, total)
+        rows = []
+        for k, trainer in enumerate(trainers):
+            trainer.advance(until, show_progress=False)
+            rows.append(validate(trainer.method, trainer.config, folds, k, device))
+            trainer.method.train()
+        report = {"step": until, "val_auroc": float(np.nanmean([r["val_auroc"] for r in rows])),
+                  "val_loss": float(np.nanmean([r["val_loss"] for r in rows])),
+                  **{f"val_auroc_fold{k}": r["val_auroc"] for k, r in enumerate(rows)},
+                  **{f"val_loss_fold{k}": r["val_loss"] for k, r in enumerate(rows)}}
+        tune.report(report)
+    del torch
+
+
+def tune_experiment(config, config_path: str | None, samples: int | None = None, folds: int | None = None,
+                    ray_address: str | None = None, resume: bool = False, name: str | None = None,
+                    show_progress: bool = True) -> dict:
+    """Run (or resume) the search; write results, picks and plots. Returns the summary."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tune.folds import Folds, make_folds
+
+    if samples is not None or folds is not None:
+        config = config.model_copy(update={"tune": config.tune.model_copy(update={
+            k: v for k, v in {"samples": samples, "folds": folds}.items() if v is not None})})
+    settings = config.tune
+    if not settings.space:
+        raise ValueError("tune.space is empty: name the config keys to search, e.g. "
+                         "tune.space: {train.lr: {type: loguniform, low: 1e-4, high: 1e-2}}")
+    experiment = Path(settings.experiments_dir).resolve() / (name or config.name)
+    base = config.model_dump(mode="json")
+    if resume:
+        if not (experiment / "folds.json").is_file():
+            raise FileNotFoundError(f"nothing to resume in {experiment} (no folds.json)")
+        base = _load_yaml(experiment / "config.yaml")
+    else:
+        if (experiment / "tuner.pkl").exists() or (experiment / "folds.json").exists():
+            raise FileExistsError(f"experiment {experiment} exists: add --resume to continue it, or choose "
+                                  f"another name (--name)")
+        experiment.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (experiment / "config.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+        make_folds(config).save(experiment / "folds.json")
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            cpus = os.cpu_count() or 1
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     _temp_dir=os.environ.get("RAY_TMPDIR"))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, experiment=str(experiment)),
+                                    {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    # ASHA's clock is the step a report was made at: a trial resumed from its folds' checkpoints
+    # reports the steps it reaches, whatever Tune counts as iterations.
+    scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(base),
+                              grace_period=settings.grace_period * settings.report_every,
+                              reduction_factor=settings.reduction_factor) \
+        if settings.scheduler == "asha" else FIFOScheduler()
+    search_alg = None
+    if settings.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=config.seed)
+    run_config = tune.RunConfig(storage_path=str(experiment.parent), name=experiment.name,
+                                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                                verbose=1 if show_progress else 0)
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=search_space(settings.space), run_config=run_config,
+                           tune_config=tune.TuneConfig(metric="val_auroc", mode="max", scheduler=scheduler,
+                                                       search_alg=search_alg, num_samples=settings.samples,
+                                                       max_concurrent_trials=settings.max_concurrent))
+    grid = tuner.fit()
+    return summarise(grid, base, experiment, Folds.load(experiment / "folds.json"))
+
+
+def _total_steps(tree: dict) -> int:
+    swa = tree["train"].get("swa")
+    return tree["train"]["steps"] + (swa["steps"] if swa else 0)
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def summarise(grid, base: dict, experiment: Path, folds) -> dict:
+    """results.parquet, best.yaml, unsupervised.yaml, plots and summary.json from a finished search."""
+    import pandas as pd
+    import yaml
+
+    rows, failed = [], []
+    every = base["tune"]["report_every"]
+    for index, result in enumerate(grid):
+        trial = Path(result.path).name
+        if result.error is not None:
+            failed.append({"trial": trial, "error": str(result.error).strip().splitlines()[-1][:300]})
+        history = result.metrics_dataframe
+        if history is None or history.empty:
+            continue
+        params = {f"param/{k}": v for k, v in result.config.items()}
+        for _, report in history.iterrows():
+            for k in range(len(folds.folds)):
+                rows.append({"trial": trial, "trial_index": index, **params, "step": int(report["step"]),
+                             "report": math.ceil(int(report["step"]) / every), "fold": k,
+                             "val_auroc": float(report[f"val_auroc_fold{k}"]),
+                             "val_loss": float(report[f"val_loss_fold{k}"]),
+                             "mean_val_auroc": float(report["val_auroc"]), "mean_val_loss": float(report["val_loss"])})
+    if not rows:
+        raise RuntimeError(f"no trial reported a result; failures: {failed}")
+    # a trial restarted after a kill may report a step twice: keep its latest
+    table = pd.DataFrame(rows).drop_duplicates(["trial", "step", "fold"], keep="last").reset_index(drop=True)
+    table.to_parquet(experiment / "results.parquet", index=False)
+    last = table.sort_values("report").groupby("trial").tail(len(folds.folds))  # each trial's last report, all folds
+    per_trial = last.groupby("trial").agg(mean_val_auroc=("val_auroc", "mean"), mean_val_loss=("val_loss", "mean"),
+                                          step=("step", "max"), trial_index=("trial_index", "first"))
+    best = per_trial["mean_val_auroc"].idxmax()
+    unsupervised = per_trial["mean_val_loss"].idxmin()
+    params_of = {Path(r.path).name: r.config for r in grid}
+    picks = {}
+    for label, trial in (("best", best), ("unsupervised", unsupervised)):
+        tree = apply_params(base, params_of[trial])
+        tree.pop("tune", None)
+        (experiment / f"{label}.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+        picks[label] = {"trial": trial, "params": params_of[trial],
+                        "mean_val_auroc": float(per_trial.loc[trial, "mean_val_auroc"]),
+                        "mean_val_loss": float(per_trial.loc[trial, "mean_val_loss"])}
+    summary = {"experiment": str(experiment), "trials": len(params_of), "failed": failed, **picks,
+               "validation": {"normals_per_fold": [len(f) for f in folds.folds], "anomalies": folds.anomalies,
+                              "anomaly_groups": sorted(set(folds.groups))}}
+    (experiment / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    from tune.plots import plot_search
+
+    plot_search(table, per_trial, experiment)
+    return summary
+
+
+def final_run(experiment: Path, pick: str = "best") -> dict:
+    """Retrain a pick on all normal training items and evaluate it on the test split."""
+    from tessera.config import load_config
+    from trainers.evaluate import evaluate
+    from trainers.loop import run
+    from trainers.run_dir import create_run_dir
+    from tune.folds import Folds
+
+    folds = Folds.load(experiment / "folds.json")
+    config = load_config(experiment / f"{pick}.yaml")
+    section = "volume_stream" if folds.kind == "volumes" else "stream"
+    tree = config.model_dump(mode="json")
+    tree["data"][section]["ids"] = folds.train
+    from tessera.config import RunConfig
+
+    config = RunConfig.model_validate(tree)
+    run_dir = experiment / f"final-{pick}"
+    if not (run_dir / "final.pt").is_file():
+        if not (run_dir / "config.yaml").is_file():
+            create_run_dir(config, f"final-{pick}", path=run_dir)
+        run(run_dir, resume=True)
+    return evaluate(run_dir, split="test", show_progress=False)
