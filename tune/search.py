@@ -188,7 +188,9 @@ def summarise(grid, base: dict, experiment: Path, folds) -> dict:
     for index, result in enumerate(grid):
         trial = Path(result.path).name
         if result.error is not None:
-            failed.append({"trial": trial, "error": str(result.error).strip().splitlines()[-1][:300]})
+            lines = [line.strip() for line in str(result.error).strip().splitlines()
+                     if line.strip() and "For further information visit" not in line]
+            failed.append({"trial": trial, "error": " | ".join(lines[-3:])[:500]})
         history = result.metrics_dataframe
         if history is None or history.empty:
             continue
