@@ -129,8 +129,8 @@ def run_demo(config, console: Console | None = None) -> Path:
     fpi_tree["data"]["volume_stream"].update({"slice_size": 64, "min_foreground": 0.05})
     fpi_tree["method"] = {"name": "fpi", "options": {"in_channels": 1, "base": 8, "widen": 1, "depth": 10,
                                                      "max_channels": 64}}
-    fpi_tree["train"].update({"data": "slice_pairs", "steps": 150, "micro_batch": 16, "clip_grad": None,
-                              "log_every": 50, "checkpoint_every": 150})
+    fpi_tree["train"].update({"data": "slices", "steps": 300, "micro_batch": 16, "clip_grad": None,
+                              "log_every": 50, "checkpoint_every": 300})
     fpi_config = RunConfig.model_validate(fpi_tree)
     report = ingest(resolve_sources([], brain), fpi_config.data.store, fpi_config.data, show_progress=False)
     console.print(f"  {len(report.done)} MNI152-derived subjects at 2 mm (MOOD outliers in the test split) "
@@ -140,7 +140,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     result = evaluate(fpi_dir, split="test")
     overall = result["overall"]
     figures = sorted((fpi_dir / "eval-test" / "heatmaps").glob("*.png"))
-    console.print(f"  FPI (150 steps): sample AUROC {overall['image_auroc']:.3f}; pixel AP {overall['pixel_ap']:.3f}, "
+    console.print(f"  FPI (300 steps): sample AUROC {overall['image_auroc']:.3f}; pixel AP {overall['pixel_ap']:.3f}, "
                   f"DICE {overall['dice']:.3f}; score volumes in {fpi_dir / 'eval-test' / 'mood' / 'pixel'}; "
                   f"slice through an outlier: {figures[0] if figures else 'none'}", soft_wrap=True)
     run.metrics({"stage": "fpi", **overall})

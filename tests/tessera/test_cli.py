@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -63,3 +64,6 @@ def test_demo_writes_a_run_directory(tmp_path, sample_data):
     for name in ("config.yaml", "command.txt", "git.txt", "log.txt", "metrics.jsonl"):
         assert (run / name).is_file(), name
     assert "aperio" in (run / "log.txt").read_text()
+    stages = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in stages][-2:] == ["eval", "fpi"]
+    assert 0 <= stages[-1]["pixel_auroc"] <= 1 and list((run / "fpi" / "eval-test" / "mood" / "pixel").glob("*.nii.gz"))
