@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse trial processes (tessera tune does; Ray's default for functions is not to)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -48,14 +50,15 @@ def main() -> None:
     storage = tempfile.mkdtemp(prefix="bench-tune-")
     tuner = tune.Tuner(tune.with_resources(busy_trial, {"cpu": 1}),
                        param_space={"seconds": args.seconds, "i": tune.grid_search(list(range(args.trials)))},
-                       tune_config=tune.TuneConfig(metric="score", mode="max"),
+                       tune_config=tune.TuneConfig(metric="score", mode="max", reuse_actors=args.reuse_actors),
                        run_config=tune.RunConfig(storage_path=storage, name="bench", verbose=0))
     started = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - started
     own = sum(result.metrics["own_seconds"] for result in grid)
     ideal = own / args.cpus
-    print(f"{args.trials} trials x {args.seconds:g} s of work (10 reports each) on {args.cpus} CPUs:")
+    print(f"{args.trials} trials x {args.seconds:g} s of work (10 reports each) on {args.cpus} CPUs, "
+          f"reuse_actors={args.reuse_actors}:")
     print(f"  ray.init {init_seconds:.1f} s (once per search, not counted below)")
     print(f"  search wall {wall:.1f} s; sum of trials' own times {own:.1f} s, / {args.cpus} CPUs = {ideal:.1f} s")
     print(f"  overhead = wall / ideal - 1 = {wall / ideal - 1:.1%}")

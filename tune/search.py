@@ -162,7 +162,11 @@ def tune_experiment(config, config_path: str | None, samples: int | None = None,
         tuner = tune.Tuner(trainable, param_space=search_space(settings.space), run_config=run_config,
                            tune_config=tune.TuneConfig(metric="val_auroc", mode="max", scheduler=scheduler,
                                                        search_alg=search_alg, num_samples=settings.samples,
-                                                       max_concurrent_trials=settings.max_concurrent))
+                                                       max_concurrent_trials=settings.max_concurrent,
+                                                       # a new process per trial costs seconds of imports
+                                                       # and DeepSpeed setup (bench/tune.py: 303% -> 54%
+                                                       # overhead on 1-second trials)
+                                                       reuse_actors=True))
     grid = tuner.fit()
     return summarise(grid, base, experiment, Folds.load(experiment / "folds.json"))
 
