@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse trial processes (tessera tune does; Ray's default for functions is not to)")
+    parser.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=False,
+                        help="reuse trial processes (Ray's default for functions, and tessera tune's for now, is not to)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
