@@ -70,6 +70,11 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
     attempts.parent.mkdir(parents=True, exist_ok=True)
     with open(attempts, "a") as f:
         f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "params": params}) + "\n")
+    if not torch.distributed.is_initialized():
+        # A trial is a lone rank. Launcher variables inherited from whoever started Ray (e.g. a shell
+        # that ran an in-process training) would make every trial bind the same MASTER_PORT.
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
     env = DistEnv.from_env()
     device = env.init()
     trainers = []
@@ -98,7 +103,6 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
                   **{f"val_auroc_fold{k}": r["val_auroc"] for k, r in enumerate(rows)},
                   **{f"val_loss_fold{k}": r["val_loss"] for k, r in enumerate(rows)}}
         tune.report(report)
-    del torch
 
 
 def tune_experiment(config, config_path: str | None, samples: int | None = None, folds: int | None = None,
