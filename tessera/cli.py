@@ -11,6 +11,9 @@ app = typer.Typer(help="Distributed training of anomaly detectors on whole-slide
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+features_app = typer.Typer(help="Pretrained feature extractors: statistics for normalised features.",
+                           no_args_is_help=True)
+app.add_typer(features_app, name="features")
 
 SET_HELP = "Override a config key, e.g. --set data.tiles.size=512 (repeatable; values are YAML)."
 ConfigArg = typer.Argument(None, help="YAML recipe (e.g. configs/demo.yaml); omit for the defaults.",
@@ -435,6 +438,54 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Job id (or a unique part o
         if not follow or backend.status(record) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
             return
         time.sleep(2)
+
+
+@features_app.command("stats")
+def features_stats(config: Optional[Path] = ConfigArg,
+                   overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+                   out: Path = typer.Option(Path("feature_stats.pt"), help="Where to write the statistics."),
+                   batches: Optional[int] = typer.Option(None, min=1, help="Training batches to use; default "
+                                                                          "train.statistics_batches.")) -> None:
+    """Per-layer feature statistics of the config's method over its training data (DPA: channel μ, σ of
+    each feature layer; MKD: λ from the untrained cloner). Train with them through
+    `--set train.statistics_file=OUT`; a run without that computes its own (feature_stats.pt)."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.methods import create_method
+    from trainers.loop import compute_statistics, save_statistics
+
+    resolved = _load(config, overrides)
+    torch.manual_seed(resolved.seed)  # MKD's λ depends on the cloner's initial weights: the run's seed
+    try:
+        method = create_method(resolved.method.name, resolved.method.options)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if not hasattr(method, "statistics"):
+        _fail(f"method '{resolved.method.name}' uses no feature statistics")
+    if resolved.train.data in ("slices", "slice_pairs"):
+        from data_plane.volume_stream import SliceStream
+
+        stream = SliceStream(resolved.data.store, resolved.data.volume_stream)
+    else:
+        from data_plane.stream import TileStream
+
+        stream = TileStream(resolved.data.store, resolved.data.stream, stain=resolved.data.stain)
+    count = batches or resolved.train.statistics_batches
+    stats = compute_statistics(method, stream.batched(resolved.train.micro_batch), count, torch.device("cpu"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_statistics(stats, out)
+    table = Table(title=f"{resolved.method.name} statistics over {count} batches -> {out}")
+    table.add_column("layer / term")
+    table.add_column("value")
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            table.add_row(key, f"{len(value['mean'])} channels, mean of μ {float(value['mean'].mean()):.4g}, "
+                               f"mean of σ {float(value['std'].mean()):.4g}, {value['count']} values each")
+        else:
+            table.add_row(key, f"{value:.6g}")
+    Console().print(table)
 
 
 @jobs_app.command("cancel")

@@ -69,6 +69,9 @@ class TrainConfig(StrictConfig):
     swa: SWAConfig | None = None                      # stochastic weight averaging phase; final.pt holds the average
     growing: GrowingConfig | None = None              # progressive-growing schedule methods can read
     num_workers: int = Field(2, ge=0)                 # dataloader workers per rank
+    statistics_batches: int = Field(16, ge=1)         # batches for a method's feature statistics (DPA's μ, σ)
+    statistics_file: str | None = None                # use these (from `tessera features stats`) instead; copied
+                                                      # into the run dir
     log_every: int = Field(10, ge=1)                  # steps between metric ticks
     checkpoint_every: int = Field(200, ge=1)          # steps between checkpoints (and one at the end)
     checkpoint_minutes: float | None = Field(30.0, gt=0)  # also checkpoint after this many minutes; None = off

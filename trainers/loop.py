@@ -336,6 +336,7 @@ class Trainer:
                              f"{f' + {train.swa.steps} SWA steps' if train.swa else ''} on {self.env.world_size} "
                              f"rank(s), {self.device.type}, {self.precision}; global batch {self.images_per_step} = "
                              f"{train.micro_batch} micro x {train.grad_accum} accumulation x {self.env.world_size} ranks")
+            self._prepare_statistics()
             self._running = {"batches": self._batches(), "last_checkpoint": time.time(), "tick": self._new_tick()}
         running = self._running
         batches = running["batches"]
@@ -376,6 +377,31 @@ class Trainer:
                 if due:
                     self.save_checkpoint()
                     running["last_checkpoint"] = time.time()
+
+    def _prepare_statistics(self) -> None:
+        """A method with feature statistics (``statistics``/``set_statistics``: DPA's μ, σ) gets them from
+        ``feature_stats.pt`` in the run dir, which the main rank computes on the first start; a resumed
+        run, every rank and ``tessera eval`` (through final.pt) use the same numbers."""
+        import torch.distributed as dist
+
+        if not hasattr(self.method, "statistics"):
+            return
+        path = self.run_dir / STATISTICS_FILE
+        if self.env.is_main and not path.is_file():
+            given = self.train.statistics_file
+            if given is not None:
+                if not Path(given).is_file():
+                    raise FileNotFoundError(f"train.statistics_file '{given}' does not exist: make it with "
+                                            f"`tessera features stats CONFIG --out {given}`")
+                self.log.log(f"feature statistics from {given} -> {path.name}")
+                save_statistics(torch.load(given, map_location="cpu", weights_only=False), path)
+            else:
+                self.log.log(f"feature statistics over {self.train.statistics_batches} batches -> {path.name}")
+                save_statistics(compute_statistics(self.method, self.stream, self.train.statistics_batches,
+                                                   self.device), path)
+        if self.env.world_size > 1:
+            dist.barrier()
+        self.method.set_statistics(torch.load(path, map_location="cpu", weights_only=False))
 
     def _finish(self, batches) -> None:
         """final.pt: the weight average if there is one (SWA's with BatchNorm statistics recomputed on
@@ -441,6 +467,31 @@ def _recompute_batchnorm(model, batches, count: int, state: StepState, device, d
         model.training_step(_to_device(next(batches), device, dtype), state)
     for m, momentum in momenta.items():
         m.momentum = momentum
+
+
+STATISTICS_FILE = "feature_stats.pt"
+
+
+def compute_statistics(method, stream, batches: int, device: torch.device) -> dict:
+    """``method.statistics`` over the first ``batches`` batches of a (batched) training stream, leaving
+    the global random states as they were, so training from here is the same as without it."""
+    with torch.random.fork_rng(devices=[]):
+        numpy_state = np.random.get_state()
+        iterator = iter(stream.endless(0))
+        chosen = [_to_device(next(iterator), device, torch.float32) for _ in range(batches)]
+        np.random.set_state(numpy_state)
+    was_training = method.training
+    method.eval()
+    try:
+        return method.statistics(chosen)
+    finally:
+        method.train(was_training)
+
+
+def save_statistics(stats: dict, path: Path) -> None:
+    partial = path.with_suffix(".partial")
+    torch.save(stats, partial)
+    partial.replace(path)  # never a half-written file under the final name
 
 
 def run(run_dir: str | Path, resume: bool) -> dict:

@@ -38,7 +38,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 def _load_all() -> None:
     # Importing a method's module registers it; the list is the one place that names every method file.
-    from core.methods import fpi, reference_ae  # noqa: F401
+    from core.methods import dpa, fpi, mkd, reference_ae  # noqa: F401
 
 
 def method_names() -> list[str]:

