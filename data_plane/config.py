@@ -95,12 +95,16 @@ class StreamConfig(StrictConfig):
     crop: Literal["none", "random", "center"] = "none"   # crop inside each indexed tile
     crop_size: int | None = Field(None, ge=8)         # crop edge in pixels; required unless crop is "none"
     augment: Literal["none", "flips", "histology"] = "none"  # MONAI dictionary-transform preset
+    eval_crop: Literal["none", "center"] = "none"     # at eval/validation: whole tiles, or their centre crop_size
+                                                      # crop (DPA's Camelyon16 protocol)
     seed: int = 0                                     # shuffling seed; epoch e uses (seed, e)
 
     @model_validator(mode="after")
     def _crop_needs_size(self):
         if self.crop != "none" and self.crop_size is None:
             raise ValueError(f"crop={self.crop!r} needs crop_size")
+        if self.eval_crop != "none" and self.crop_size is None:
+            raise ValueError(f"eval_crop={self.eval_crop!r} needs crop_size")
         return self
 
 

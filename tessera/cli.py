@@ -296,7 +296,12 @@ def tune_command(config: Optional[Path] = ConfigArg,
                  name: Optional[str] = typer.Option(None, help="Experiment name (default: the config's name)."),
                  resume: bool = typer.Option(False, help="Continue the experiment after an interruption."),
                  final: bool = typer.Option(False, help="Then retrain the best (and the unsupervised) pick on all "
-                                                        "training data and evaluate on the test split.")) -> None:
+                                                        "training data and evaluate on the test split."),
+                 anomaly_budget: Optional[str] = typer.Option(None, help="Then redo the choice with only N1,N2,… "
+                                                                         "validation anomalies (of one group, or "
+                                                                         "several) and report the test AUROC of the "
+                                                                         "picks, e.g. 1,5,20,50 (budget.json, "
+                                                                         "budget.png).")) -> None:
     """Weakly-supervised hyperparameter search: a few known anomalies choose, K-fold, ASHA, Ray Tune."""
     import json
 
@@ -318,6 +323,22 @@ def tune_command(config: Optional[Path] = ConfigArg,
         (experiment / "final.json").write_text(json.dumps(results, indent=1))
         for pick, overall in results.items():
             typer.echo(f"  {pick}: test image AUROC {overall['image_auroc']:.3f}")
+    if anomaly_budget:
+        from tune.budget import budget_study
+
+        try:
+            budgets = [int(b) for b in anomaly_budget.split(",") if b.strip()]
+        except ValueError:
+            _fail(f"--anomaly-budget takes comma-separated counts, e.g. 1,5,20,50; got '{anomaly_budget}'")
+        study = budget_study(experiment, budgets, seed=resolved.seed)
+        typer.echo(f"anomaly budget ({study['trials']} trials, pool of {study['pool']} validation anomalies "
+                   f"{study['groups']}); test AUROC of the pick:")
+        for row in study["rows"]:
+            typer.echo(f"  {row['setting']:>14}, {row['budget']:>3}: " + (
+                row["skipped"] if "skipped" in row else f"{row['test_auroc_mean']:.3f} ± {row['test_auroc_std']:.3f}"))
+        typer.echo(f"  unsupervised pick {study['unsupervised_pick']['test_auroc']}, mean trial "
+                   f"{study['mean_trial']:.3f}, best in hindsight {study['best_in_hindsight']:.3f} -> "
+                   f"{experiment / 'budget.png'}")
 
 
 jobs_app = typer.Typer(help="Follow jobs submitted with `tessera submit` (the registry in $TESSERA_JOBS, default runs/jobs).",

@@ -147,8 +147,9 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device)
     method, _ = load_method(run_dir)
     method.to(device)
+    test_crop = config.data.stream.eval_crop
     stream_config = config.data.stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
-                                                          "crop": "none", "crop_size": None, "augment": "none",
+                                                          "crop": test_crop, "augment": "none",
                                                           "max_tiles_per_slide": None, "ids": None})
     everything = select_tiles(read_tile_index(store), stream_config)
     if len(everything) == 0:

@@ -319,8 +319,12 @@ class Trainer:
 
     def fit(self) -> dict:
         self.advance(self.total_steps)
-        self._finish(self._running["batches"])
+        self.finish()
         return {"step": self.step}
+
+    def finish(self) -> None:
+        """Write final.pt after the last step (see _finish)."""
+        self._finish(self._running["batches"])
 
     def advance(self, until: int, show_progress: bool = True) -> None:
         """Train up to step ``until`` (at most the run's total). Callable repeatedly: a search reads the

@@ -18,7 +18,8 @@ def _on(batch: dict, device) -> dict:
 @torch.no_grad()
 def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), batch_size: int = 32,
              loss_batches: int = 8) -> dict:
-    """{"val_auroc": …, "val_loss": …} of ``method`` (left in eval mode) for fold ``k``."""
+    """{"val_auroc": …, "val_loss": …, "scores": [[item, label, score], …]} of ``method`` (left in eval
+    mode) for fold ``k``; the per-item scores let tune/budget.py redo the choice with fewer anomalies."""
     from sklearn.metrics import roc_auc_score
 
     method.eval()
@@ -29,15 +30,16 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
 
         stream_config = config.data.stream.model_copy(update={
             "splits": splits, "ids": sorted(held | anomalies), "labels": ["normal", "anomalous"], "groups": None,
-            "crop": "none", "crop_size": None, "augment": "none", "max_tiles_per_slide": None})
+            "crop": config.data.stream.eval_crop, "augment": "none", "max_tiles_per_slide": None})
         stream = TileStream(config.data.store, stream_config, stain=config.data.stain, shuffle=False)
-        labels, scores = [], []
+        labels, scores, items = [], [], []
         for batch in stream.batched(batch_size):
             batch_scores = method.score(_on(batch, device))[0].float().cpu().numpy()
             for item, target, score in zip(batch["slide_id"], batch["target"].tolist(), batch_scores):
                 if (item in held and target == 0) or (item in anomalies and target == 1):
                     labels.append(target)
                     scores.append(float(score))
+                    items.append(item)
         normal_stream = TileStream(config.data.store, stream_config.model_copy(update={
             "ids": sorted(held), "crop": config.data.stream.crop, "crop_size": config.data.stream.crop_size}),
             stain=config.data.stain, shuffle=False)
@@ -60,8 +62,9 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
                 index[axis] = int(batch["slice"][i])
                 voxels[volume_id][tuple(index)] = _unsquare(maps[i], *shape)[0]
         reduce = getattr(method, "sample_score", volume_score)
-        labels = [1 if v in anomalies else 0 for v in voxels]
-        scores = [reduce(voxels[v]) for v in voxels]
+        items = list(voxels)
+        labels = [1 if v in anomalies else 0 for v in items]
+        scores = [reduce(voxels[v]) for v in items]
         normal_stream = SliceStream(config.data.store, config.data.volume_stream.model_copy(update={
             "splits": ["train"], "ids": sorted(held), "labels": None, "groups": None}), shuffle=False)
     losses = []
@@ -73,4 +76,5 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
     both = len(set(labels)) == 2
     return {"val_auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
             "val_loss": float(np.mean(losses)) if losses else float("nan"),
-            "val_normals": labels.count(0), "val_anomalies": labels.count(1)}
+            "val_normals": labels.count(0), "val_anomalies": labels.count(1),
+            "scores": [[item, int(label), float(score)] for item, label, score in zip(items, labels, scores)]}

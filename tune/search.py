@@ -97,12 +97,21 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
         for k, trainer in enumerate(trainers):
             trainer.advance(until, show_progress=False)
             rows.append(validate(trainer.method, trainer.config, folds, k, device))
+            _write_json(trainer.run_dir / "val_scores.json", {"step": until, "scores": rows[-1].pop("scores")})
             trainer.method.train()
+            if until == total:
+                trainer.finish()  # final.pt: the fold's run is complete and reproducible on its own
         report = {"step": until, "val_auroc": float(np.nanmean([r["val_auroc"] for r in rows])),
                   "val_loss": float(np.nanmean([r["val_loss"] for r in rows])),
                   **{f"val_auroc_fold{k}": r["val_auroc"] for k, r in enumerate(rows)},
                   **{f"val_loss_fold{k}": r["val_loss"] for k, r in enumerate(rows)}}
         tune.report(report)
+
+
+def _write_json(path: Path, value) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)
 
 
 def tune_experiment(config, config_path: str | None, samples: int | None = None, folds: int | None = None,

@@ -236,8 +236,25 @@ class DeepPerceptualAutoencoder(nn.Module):
     @torch.no_grad()
     def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Image score: the relative-perceptual-L1 of its reconstruction; pixel map: each location's
-        share of that L1 distance (summed over channels), bilinearly upsampled to the image."""
+        share of that L1 distance (summed over channels), bilinearly upsampled to the image.
+
+        An image larger than ``resolution`` (a multiple of it per side: a 256 px tile for a model trained
+        on 64 px crops) is scored window by window: its pixel map is the windows' maps side by side and
+        its score the highest window score (an anomaly is local; averaging would dilute it)."""
         images = batch["image"]
+        size = self.config.resolution
+        height, width = images.shape[-2:]
+        if (height, width) != (size, size) and height % size == 0 and width % size == 0:
+            rows, columns = height // size, width // size
+            windows = images.unfold(2, size, size).unfold(3, size, size)  # B, C, rows, columns, size, size
+            windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], size, size)
+            scores, maps = self._score_windows(windows)
+            scores = scores.view(len(images), rows * columns).amax(dim=1)
+            maps = maps.view(len(images), rows, columns, size, size).permute(0, 1, 3, 2, 4)
+            return scores, maps.reshape(len(images), 1, height, width)
+        return self._score_windows(images)
+
+    def _score_windows(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.config.layers[-1]
         real = self._features(images, layer)
         fake = self._features(self.autoencoder(images), layer)

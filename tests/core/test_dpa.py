@@ -132,3 +132,14 @@ def test_dpa_trained_on_normals_scores_defects_higher():
     scores, maps = method.score({"image": torch.cat([normal, defective])})
     assert roc_auc_score([0] * 30 + [1] * 30, scores.numpy()) > 0.85
     assert maps[30:][masks].mean() > maps[30:][~masks].mean()  # the pixel map is higher on the defects
+
+
+def test_larger_images_are_scored_window_by_window():
+    method = small(normalise=False)
+    images = torch.rand(2, 3, 64, 96)
+    scores, maps = method.score({"image": images})
+    assert maps.shape == (2, 1, 64, 96)
+    window_scores, window_map = method.score({"image": images[:, :, 32:64, 64:96]})
+    torch.testing.assert_close(maps[:, :, 32:64, 64:96], window_map)
+    windows = [method.score({"image": images[:, :, y:y + 32, x:x + 32]})[0] for y in (0, 32) for x in (0, 32, 64)]
+    torch.testing.assert_close(scores, torch.stack(windows, dim=1).amax(dim=1))

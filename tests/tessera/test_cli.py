@@ -65,5 +65,8 @@ def test_demo_writes_a_run_directory(tmp_path, sample_data):
         assert (run / name).is_file(), name
     assert "aperio" in (run / "log.txt").read_text()
     stages = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in stages][-2:] == ["eval", "fpi"]
-    assert 0 <= stages[-1]["pixel_auroc"] <= 1 and list((run / "fpi" / "eval-test" / "mood" / "pixel").glob("*.nii.gz"))
+    assert [r["stage"] for r in stages][-3:] == ["eval", "fpi", "mkd"]
+    assert 0 <= stages[-2]["pixel_auroc"] <= 1 and list((run / "fpi" / "eval-test" / "mood" / "pixel").glob("*.nii.gz"))
+    assert 0 <= stages[-1]["image_auroc"] <= 1 and (run / "mkd" / "feature_stats.pt").is_file()
+    overlays = list((run / "mkd" / "eval-test" / "heatmaps").glob("*.png"))
+    assert len(overlays) == 9  # every benchmark slide: 2 normal mosaics, 7 anomaly groups

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tessera.config import ConfigError, RunConfig, load_config, valid_keys
@@ -85,3 +87,10 @@ def test_resolved_yaml_round_trips(tmp_path):
     config = load_config(None, ["data.tiles.size=384", "seed=7"])
     again = load_config(write(tmp_path, config.to_yaml()))
     assert again == config
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_bundled_recipe_validates(recipe):
+    config = load_config(recipe)
+    assert config.name and config.method.name

@@ -51,7 +51,7 @@ def tessera(*args, **kwargs):
 
 
 def test_grid_search_picks_the_best_mean_fold_auroc(brain_store, tmp_path):
-    done = tessera("tune", str(recipe(tmp_path, brain_store)))
+    done = tessera("tune", str(recipe(tmp_path, brain_store)), "--anomaly-budget", "1,2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     experiment = tmp_path / "experiments" / "search"
     table = pd.read_parquet(experiment / "results.parquet")
@@ -73,6 +73,18 @@ def test_grid_search_picks_the_best_mean_fold_auroc(brain_store, tmp_path):
     # each trial fold is a normal run directory that reproduces itself
     fold_dir = next((experiment / "trials").glob("*/fold0"))
     assert (fold_dir / "config.yaml").is_file() and (fold_dir / "metrics.jsonl").read_text()
+    assert (fold_dir / "final.pt").is_file()
+    # the anomaly-budget study re-picks from the saved per-item validation scores
+    scores = json.loads((fold_dir / "val_scores.json").read_text())["scores"]
+    assert {label for _, label, _ in scores} == {0, 1} and len([s for s in scores if s[1]]) == len(folds["anomalies"])
+    study = json.loads((experiment / "budget.json").read_text())
+    assert study["trials"] == 4 and study["pool"] == len(folds["anomalies"]) == 2
+    rows = {(r["setting"], r["budget"]): r for r in study["rows"]}
+    assert "skipped" in rows[("one group", 2)]  # each validation anomaly is of its own kind
+    tests = study["test_auroc"].values()
+    for key in (("one group", 1), ("several groups", 1), ("several groups", 2)):
+        assert min(tests) <= rows[key]["test_auroc_mean"] <= max(tests) == study["best_in_hindsight"]
+    assert (experiment / "budget.png").stat().st_size > 1000 and "anomaly budget" in done.stdout
 
 
 def test_a_failing_trial_is_retried_then_reported(brain_store, tmp_path):
