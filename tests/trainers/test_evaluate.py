@@ -73,6 +73,28 @@ def test_eval_on_two_ranks_gives_the_same_metrics(trained):
     assert len(list((run_dir / "eval-test" / "heatmaps").glob("*.png"))) >= 2  # both ranks wrote their slides'
 
 
+def test_eval_crop_scores_the_centre_of_each_tile(trained, tmp_path):
+    import shutil
+
+    import yaml
+
+    from trainers.evaluate import evaluate
+
+    run_dir, _, _ = trained
+    whole = json.loads(json.dumps(evaluate(run_dir, split="test", workers=0, show_progress=False)))
+    centred = tmp_path / "centred"
+    centred.mkdir()
+    shutil.copy(run_dir / "final.pt", centred / "final.pt")
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tree["data"]["stream"].update({"eval_crop": "center", "crop_size": 64})
+    (centred / "config.yaml").write_text(yaml.safe_dump(tree))
+    result = evaluate(centred, split="test", workers=0, show_progress=False)
+    # the same tiles, scored on their centres: other scores, and masks cropped with the images
+    assert result["overall"]["n_normal"] == whole["overall"]["n_normal"]
+    assert result["overall"]["image_auroc"] != whole["overall"]["image_auroc"]
+    assert 0 <= result["overall"]["pixel_auroc"] <= 1
+
+
 def test_export_then_score_new_slides(trained, tmp_path):
     from trainers.evaluate import export_run, score_inputs
 
