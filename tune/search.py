@@ -132,7 +132,7 @@ def tune_experiment(config, config_path: str | None, samples: int | None = None,
         raise ValueError("tune.space is empty: name the config keys to search, e.g. "
                          "tune.space: {train.lr: {type: loguniform, low: 1e-4, high: 1e-2}}")
     experiment = Path(settings.experiments_dir).resolve() / (name or config.name)
-    base = config.model_dump(mode="json")
+    base = _absolute_paths(config.model_dump(mode="json"))
     if resume:
         if not (experiment / "folds.json").is_file():
             raise FileNotFoundError(f"nothing to resume in {experiment} (no folds.json)")
@@ -183,6 +183,19 @@ def tune_experiment(config, config_path: str | None, samples: int | None = None,
                                                        reuse_actors=False))
     grid = tuner.fit()
     return summarise(grid, base, experiment, Folds.load(experiment / "folds.json"))
+
+
+def _absolute_paths(tree: dict) -> dict:
+    """The config with its file paths made absolute: Ray runs each trial in its own working directory,
+    where a path relative to where `tessera tune` was started would name nothing."""
+    for section, key in (("data", "store"), ("train", "statistics_file"), (None, "runs_dir")):
+        node = tree.get(section, {}) if section else tree
+        if node.get(key) and "://" not in str(node[key]):
+            node[key] = str(Path(node[key]).expanduser().resolve())
+    stain = tree.get("data", {}).get("stain", {})
+    if stain.get("reference"):
+        stain["reference"] = str(Path(stain["reference"]).expanduser().resolve())
+    return tree
 
 
 def _total_steps(tree: dict) -> int:
