@@ -35,9 +35,9 @@ class Launch:
     def in_process(self) -> bool:
         return self.nproc == 1 and self.nnodes == 1 and self.hostfile is None and not self.nodes
 
-    def command(self, run_dir: Path, resume: bool) -> list[str]:
+    def command(self, run_dir: Path, resume: bool, until: int | None = None) -> list[str]:
         """The argument list that starts every rank of this node (or of all nodes, for a hostfile)."""
-        tail = [str(run_dir)] + (["--resume"] if resume else [])
+        tail = [str(run_dir)] + (["--resume"] if resume else []) + (["--until", str(until)] if until else [])
         if self.hostfile is not None or self.nodes:
             hostfile = self.hostfile or self.write_hostfile(run_dir)
             hosts = _hosts(hostfile)

@@ -498,8 +498,10 @@ def save_statistics(stats: dict, path: Path) -> None:
     partial.replace(path)  # never a half-written file under the final name
 
 
-def run(run_dir: str | Path, resume: bool) -> dict:
-    """Train the run in ``run_dir`` (its config.yaml) as this process's rank; the launcher's entry point."""
+def run(run_dir: str | Path, resume: bool, until: int | None = None) -> dict:
+    """Train the run in ``run_dir`` (its config.yaml) as this process's rank; the launcher's entry point.
+    With ``until``, stop at that step with a checkpoint (final.pt only once the run is complete): a
+    search trains a multi-rank trial segment by segment and validates in between."""
     from tessera.config import load_config
 
     run_dir = Path(run_dir)
@@ -509,4 +511,30 @@ def run(run_dir: str | Path, resume: bool) -> dict:
     trainer = Trainer(config, run_dir, env, device)
     if resume:
         trainer.load_checkpoint()
-    return trainer.fit()
+    if until is None or until >= trainer.total_steps:
+        return trainer.fit()
+    trainer.advance(until, show_progress=False)
+    latest = trainer.checkpoints / "latest.json"
+    if not latest.is_file() or json.loads(latest.read_text())["step"] != trainer.step:
+        trainer.save_checkpoint()
+    return {"step": trainer.step}
+
+
+def load_latest(run_dir: str | Path, device: torch.device = torch.device("cpu")):
+    """The method of a run as of its latest checkpoint (each group's weights from DeepSpeed's model
+    states, the feature statistics from the run dir), in eval mode: to validate between segments."""
+    from core.methods import create_method
+    from tessera.config import load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    tag = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["tag"]
+    torch.manual_seed(config.seed)
+    method = create_method(config.method.name, config.method.options)
+    for group, module in method.groups().items():
+        state = torch.load(run_dir / "checkpoints" / group / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)
+        module.load_state_dict(state["module"])
+    if hasattr(method, "set_statistics") and (run_dir / STATISTICS_FILE).is_file():
+        method.set_statistics(torch.load(run_dir / STATISTICS_FILE, map_location="cpu", weights_only=False))
+    return config, method.to(device).eval()

@@ -1,4 +1,5 @@
-"""Worker entry point: ``python -m trainers.main RUN_DIR [--resume]`` under torchrun or the DeepSpeed launcher."""
+"""Worker entry point: ``python -m trainers.main RUN_DIR [--resume] [--until STEP]`` under torchrun or the
+DeepSpeed launcher."""
 
 import argparse
 import sys
@@ -8,11 +9,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--until", type=int, default=None, help="stop at this step, with a checkpoint")
     args = parser.parse_args()
     from trainers.loop import TrainingDiverged, run
 
     try:
-        run(args.run_dir, args.resume)
+        run(args.run_dir, args.resume, args.until)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)

@@ -45,7 +45,9 @@ class TuneConfig(StrictConfig):
     val_anomaly_count: int | None = Field(None, ge=1)  # at most this many anomalous items (None: all)
     max_failures: int = Field(2, ge=0)                # retries of a failing trial before it is reported failed
     max_concurrent: int | None = Field(None, ge=1)    # trials at once (None: as resources allow)
-    cpus_per_trial: float = Field(1, gt=0)
+    workers_per_trial: int = Field(1, ge=1)           # ranks training each fold model: > 1 runs torchrun per
+                                                      # report segment (validation in between, in the trial)
+    cpus_per_trial: float = Field(1, gt=0)            # Ray resources of a whole trial (all its workers)
     gpus_per_trial: float = Field(0, ge=0)
     experiments_dir: str = "runs/tune"                # experiment folders: <experiments_dir>/<name>
 

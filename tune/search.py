@@ -70,6 +70,10 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
     attempts.parent.mkdir(parents=True, exist_ok=True)
     with open(attempts, "a") as f:
         f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "params": params}) + "\n")
+    workers = base["tune"].get("workers_per_trial", 1)
+    if workers > 1:
+        _multi_rank_trial(params, base, experiment, folds, trial_id, workers)
+        return
     if not torch.distributed.is_initialized():
         # A trial is a lone rank. Launcher variables inherited from whoever started Ray (e.g. a shell
         # that ran an in-process training) would make every trial bind the same MASTER_PORT.
@@ -79,9 +83,7 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
     device = env.init()
     trainers = []
     for k in range(len(folds.folds)):
-        config = fold_config(base, params, folds, k)
-        config = config.model_copy(update={"train": config.train.model_copy(update={
-            "checkpoint_every": config.tune.report_every, "checkpoint_minutes": None})})
+        config = _trial_fold_config(base, params, folds, k)
         run_dir = experiment / "trials" / trial_id / f"fold{k}"
         if not (run_dir / "config.yaml").is_file():
             create_run_dir(config, f"{trial_id}-fold{k}", path=run_dir)
@@ -101,11 +103,62 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
             trainer.method.train()
             if until == total:
                 trainer.finish()  # final.pt: the fold's run is complete and reproducible on its own
-        report = {"step": until, "val_auroc": float(np.nanmean([r["val_auroc"] for r in rows])),
-                  "val_loss": float(np.nanmean([r["val_loss"] for r in rows])),
-                  **{f"val_auroc_fold{k}": r["val_auroc"] for k, r in enumerate(rows)},
-                  **{f"val_loss_fold{k}": r["val_loss"] for k, r in enumerate(rows)}}
-        tune.report(report)
+        tune.report(_report(until, rows))
+
+
+def _report(step: int, rows: list[dict]) -> dict:
+    return {"step": step, "val_auroc": float(np.nanmean([r["val_auroc"] for r in rows])),
+            "val_loss": float(np.nanmean([r["val_loss"] for r in rows])),
+            **{f"val_auroc_fold{k}": r["val_auroc"] for k, r in enumerate(rows)},
+            **{f"val_loss_fold{k}": r["val_loss"] for k, r in enumerate(rows)}}
+
+
+def _trial_fold_config(base: dict, params: dict, folds, k: int):
+    """A fold's run config inside a trial: checkpoints at the validation reports only."""
+    config = fold_config(base, params, folds, k)
+    return config.model_copy(update={"train": config.train.model_copy(update={
+        "checkpoint_every": config.tune.report_every, "checkpoint_minutes": None})})
+
+
+def _multi_rank_trial(params: dict, base: dict, experiment: Path, folds, trial_id: str, workers: int) -> None:
+    """A trial whose fold models each train on ``workers`` ranks: torchrun (the same launcher as
+    `tessera train --nproc`) trains a fold up to the next report and checkpoints; the trial validates
+    that checkpoint itself and reports. A retried trial resumes each fold from its latest checkpoint."""
+    import subprocess
+
+    from ray import tune
+
+    from trainers.launch import Launch
+    from trainers.loop import load_latest
+    from trainers.run_dir import create_run_dir
+    from tune.objective import validate
+
+    run_dirs = []
+    for k in range(len(folds.folds)):
+        run_dir = experiment / "trials" / trial_id / f"fold{k}"
+        if not (run_dir / "config.yaml").is_file():
+            create_run_dir(_trial_fold_config(base, params, folds, k), f"{trial_id}-fold{k}", path=run_dir)
+        run_dirs.append(run_dir)
+    every, total = base["tune"]["report_every"], _total_steps(base)
+    reached = [json.loads((d / "checkpoints" / "latest.json").read_text())["step"]
+               if (d / "checkpoints" / "latest.json").is_file() else 0 for d in run_dirs]
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["OMP_NUM_THREADS"] = str(max(1, int(base["tune"]["cpus_per_trial"] // workers)))
+    for until in range(((min(reached) // every) + 1) * every, total + every, every):
+        until = min(until, total)
+        rows = []
+        for k, run_dir in enumerate(run_dirs):
+            command = Launch(nproc=workers).command(run_dir, resume=True, until=until)
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"fold {k} of trial {trial_id} failed to train to step {until} on {workers} "
+                                   f"ranks (exit {done.returncode}); see {run_dir / 'log.txt'}: "
+                                   f"{done.stderr.strip()[-1500:]}")
+            config, method = load_latest(run_dir)
+            rows.append(validate(method, config, folds, k))
+            _write_json(run_dir / "val_scores.json", {"step": until, "scores": rows[-1].pop("scores")})
+        tune.report(_report(until, rows))
 
 
 def _write_json(path: Path, value) -> None:

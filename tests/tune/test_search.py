@@ -119,3 +119,20 @@ def test_killed_driver_resumes_the_experiment(brain_store, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = pd.read_parquet(experiment / "results.parquet")
     assert table["trial"].nunique() == 4 and (table.groupby("trial")["report"].max() == 2).all()
+
+
+def test_a_trial_can_train_each_fold_on_two_ranks(brain_store, tmp_path):
+    path = recipe(tmp_path, brain_store, workers_per_trial=2, cpus_per_trial=2,
+                  space={"train.lr": {"type": "grid", "values": [0.003]}})
+    done = tessera("tune", str(path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    experiment = tmp_path / "experiments" / "search"
+    table = pd.read_parquet(experiment / "results.parquet")
+    assert table["trial"].nunique() == 1 and set(table["report"]) == {1, 2} and set(table["fold"]) == {0, 1}
+    assert table["val_auroc"].between(0, 1).all()
+    for fold in (experiment / "trials").glob("*/fold*"):
+        log = (fold / "log.txt").read_text()
+        assert "on 2 rank(s)" in log and "resumed from step00000004" in log  # two segments, one per report
+        assert (fold / "final.pt").is_file()
+        records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["global_batch"] == 8 * 2  # micro batch x 2 ranks
