@@ -73,7 +73,9 @@ def budget_study(experiment: Path, budgets: list[int], draws: int = 20, seed: in
     for item, group in group_of.items():
         by_group.setdefault(group, []).append(item)
     summary = json.loads((experiment / "summary.json").read_text()) if (experiment / "summary.json").is_file() else {}
-    unsupervised = summary.get("unsupervised", {}).get("trial")
+    # summary.json names a trial by Ray's folder name, which holds the trial id (the trials/ folder name)
+    picked_name = summary.get("unsupervised", {}).get("trial") or ""
+    unsupervised = next((t.name for t in trials if t.name in picked_name), None)
     rng = np.random.default_rng(seed)
     rows = []
     for setting in ("one group", "several groups"):

@@ -85,6 +85,8 @@ def test_grid_search_picks_the_best_mean_fold_auroc(brain_store, tmp_path):
     tests = study["test_auroc"].values()
     for key in (("one group", 1), ("several groups", 1), ("several groups", 2)):
         assert min(tests) <= rows[key]["test_auroc_mean"] <= max(tests) == study["best_in_hindsight"]
+    assert study["unsupervised_pick"]["trial"] in summary["unsupervised"]["trial"]
+    assert study["unsupervised_pick"]["test_auroc"] == study["test_auroc"][study["unsupervised_pick"]["trial"]]
     assert (experiment / "budget.png").stat().st_size > 1000 and "anomaly budget" in done.stdout
 
 
