@@ -163,7 +163,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     overlays = sorted((mkd_dir / "eval-test" / "heatmaps").glob("*.png"))
     console.print(f"  MKD (200 steps, EfficientNet-Lite0 source): image AUROC {overall['image_auroc']:.3f}; "
                   f"pixel AUROC {overall['pixel_auroc']:.3f}; heatmap overlays: "
-                  f"{overlays[0].parent if overlays else 'none'} ({len(overlays)} slides)", soft_wrap=True)
+                  f"{overlays[0].parent if overlays else 'none'} ({len(overlays)} test slides)", soft_wrap=True)
     run.metrics({"stage": "mkd", **overall})
 
     run.log("demo finished")
