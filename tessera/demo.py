@@ -39,6 +39,18 @@ def describe_volume(path: Path) -> str:
     return f"volume {' x '.join(map(str, image.shape))} voxels at {zooms} mm"
 
 
+def train_and_evaluate(config, name: str, path: Path) -> tuple[Path, dict, list[Path]]:
+    """Train a demo stage's run in this process, evaluate it on the test split; returns the run dir,
+    the overall metrics and the figures eval drew (heatmap overlays, or slices through outliers)."""
+    from trainers.evaluate import evaluate
+    from trainers.loop import run as train_run
+
+    run_dir = create_run_dir(config, name, path=path).path
+    train_run(run_dir, resume=False)
+    overall = evaluate(run_dir, split="test")["overall"]
+    return run_dir, overall, sorted((run_dir / "eval-test" / "heatmaps").glob("*.png"))
+
+
 def run_demo(config, console: Console | None = None) -> Path:
     """Run every stage on the sample data; returns the run directory."""
     from data_plane.sample_data import fetch_sample_data
@@ -136,11 +148,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     report = ingest(resolve_sources([], brain), fpi_config.data.store, fpi_config.data, show_progress=False)
     console.print(f"  {len(report.done)} MNI152-derived subjects at 2 mm (MOOD outliers in the test split) "
                   f"-> {fpi_config.data.store}", soft_wrap=True)
-    fpi_dir = create_run_dir(fpi_config, "fpi", path=run.path / "fpi").path
-    train_run(fpi_dir, resume=False)
-    result = evaluate(fpi_dir, split="test")
-    overall = result["overall"]
-    figures = sorted((fpi_dir / "eval-test" / "heatmaps").glob("*.png"))
+    fpi_dir, overall, figures = train_and_evaluate(fpi_config, "fpi", run.path / "fpi")
     console.print(f"  FPI (300 steps): sample AUROC {overall['image_auroc']:.3f}; pixel AP {overall['pixel_ap']:.3f}, "
                   f"DICE {overall['dice']:.3f}; score volumes in {fpi_dir / 'eval-test' / 'mood' / 'pixel'}; "
                   f"slice through an outlier: {figures[0] if figures else 'none'}", soft_wrap=True)
@@ -156,11 +164,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     mkd_tree["train"].update({"steps": 200, "micro_batch": 16, "clip_grad": None, "log_every": 50,
                               "checkpoint_every": 200})
     mkd_config = RunConfig.model_validate(mkd_tree)
-    mkd_dir = create_run_dir(mkd_config, "mkd", path=run.path / "mkd").path
-    train_run(mkd_dir, resume=False)
-    result = evaluate(mkd_dir, split="test")
-    overall = result["overall"]
-    overlays = sorted((mkd_dir / "eval-test" / "heatmaps").glob("*.png"))
+    mkd_dir, overall, overlays = train_and_evaluate(mkd_config, "mkd", run.path / "mkd")
     console.print(f"  MKD (200 steps, EfficientNet-Lite0 source): image AUROC {overall['image_auroc']:.3f}; "
                   f"pixel AUROC {overall['pixel_auroc']:.3f}; heatmap overlays: "
                   f"{overlays[0].parent if overlays else 'none'} ({len(overlays)} test slides)", soft_wrap=True)
