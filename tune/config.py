@@ -49,6 +49,8 @@ class TuneConfig(StrictConfig):
                                                       # report segment (validation in between, in the trial)
     cpus_per_trial: float = Field(1, gt=0)            # Ray resources of a whole trial (all its workers)
     gpus_per_trial: float = Field(0, ge=0)
+    reuse_actors: bool = True                         # run the next trial in a finished trial's process:
+                                                      # saves a process start + imports per trial (bench/tune.py)
     experiments_dir: str = "runs/tune"                # experiment folders: <experiments_dir>/<name>
 
     @model_validator(mode="after")

@@ -229,11 +229,7 @@ def tune_experiment(config, config_path: str | None, samples: int | None = None,
                            tune_config=tune.TuneConfig(metric="val_auroc", mode="max", scheduler=scheduler,
                                                        search_alg=search_alg, num_samples=settings.samples,
                                                        max_concurrent_trials=settings.max_concurrent,
-                                                       # Not reused: with reuse_actors=True the trials of one
-                                                       # worker process got mixed up (3 trial ids for 4
-                                                       # trials in tests/tune). bench/tune.py shows what reuse
-                                                       # would save; to revisit.
-                                                       reuse_actors=False))
+                                                       reuse_actors=settings.reuse_actors))
     grid = tuner.fit()
     return summarise(grid, base, experiment, Folds.load(experiment / "folds.json"))
 

@@ -75,6 +75,10 @@ def test_grid_search_picks_the_best_mean_fold_auroc(brain_store, tmp_path):
     fold_dir = next((experiment / "trials").glob("*/fold0"))
     assert (fold_dir / "config.yaml").is_file() and (fold_dir / "metrics.jsonl").read_text()
     assert (fold_dir / "final.pt").is_file()
+    # reuse_actors (the default): later trials ran in the processes of finished ones
+    pids = {json.loads(line)["pid"] for p in (experiment / "trials").glob("*/attempts.jsonl")
+            for line in p.read_text().splitlines()}
+    assert len(pids) < 4
     # the anomaly-budget study re-picks from the saved per-item validation scores
     scores = json.loads((fold_dir / "val_scores.json").read_text())["scores"]
     assert {label for _, label, _ in scores} == {0, 1} and len([s for s in scores if s[1]]) == len(folds["anomalies"])
