@@ -81,6 +81,10 @@ class VolumeStreamConfig(StrictConfig):
     min_foreground: float = Field(0.05, ge=0, le=1)   # slices with less non-zero area are skipped
     augment: Literal["none", "affine"] = "none"       # MONAI 3D augmentation preset for patches
     seed: int = 0                                     # shuffling seed; epoch e uses (seed, e)
+    # Eval and validation: σ in voxels of a 3D Gaussian over each reassembled score volume, before the
+    # volume score and the pixel metrics. Slices are scored one by one, so neighbouring planes' maps
+    # disagree; an outlier is a 3D blob. 0 = the raw slice maps.
+    score_smoothing: float = Field(0.0, ge=0)
 
 
 class StreamConfig(StrictConfig):

@@ -12,6 +12,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--group", action="append", dest="groups")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--score-smoothing", type=float)
     args = parser.parse_args()
     from trainers.dist import DistEnv
     from trainers.evaluate import evaluate
@@ -19,7 +20,7 @@ def main() -> None:
     env = DistEnv.from_env()
     device = env.init()
     evaluate(args.run_dir, args.store, args.split, args.groups, workers=args.workers, env=env, device=device,
-             show_progress=env.is_main)
+             show_progress=env.is_main, score_smoothing=args.score_smoothing)
 
 
 if __name__ == "__main__":

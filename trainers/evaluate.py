@@ -80,6 +80,7 @@ def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:right}}
 figure{{display:inline-block;margin:6px}}</style>
 <h1>Evaluation of {html.escape(run_dir.name)}</h1>
+{''.join(f"<p>{html.escape(k)}: {html.escape(str(v))}</p>" for k, v in metrics.get("settings", {}).items())}
 <table><tr><th>group</th><th>normal</th><th>anomalous</th><th>image AUROC</th><th>image AP</th>
 <th>pixel AUROC</th><th>pixel AP</th><th>DICE</th></tr>{''.join(rows)}</table>
 <p><img src="roc.png" width="420"> <img src="pr.png" width="420"></p>
@@ -108,13 +109,16 @@ def _on(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _write_outputs(out: Path, run_dir: Path, parts: list) -> dict:
-    """Merge the ranks' shares and write metrics.json, the curves and index.html."""
+def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None = None) -> dict:
+    """Merge the ranks' shares and write metrics.json (with the eval ``settings`` that shaped the
+    scores), the curves and index.html."""
     metrics, names = AnomalyMetrics(), []
     for part_metrics, part_names in parts:
         metrics.merge(part_metrics)
         names += part_names
     result = metrics.compute()
+    if settings:
+        result["settings"] = settings
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _curves(np.array([c.score for c in metrics.cases]), np.array([c.label for c in metrics.cases]),
             np.array([c.group for c in metrics.cases]), out)
@@ -125,8 +129,10 @@ def _write_outputs(out: Path, run_dir: Path, parts: list) -> dict:
 @torch.no_grad()
 def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test", groups: list[str] | None = None,
              batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
-             device: torch.device | None = None) -> dict | None:
+             device: torch.device | None = None, score_smoothing: float | None = None) -> dict | None:
     """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs.
+
+    ``score_smoothing`` (volume runs) replaces the run's ``data.volume_stream.score_smoothing``.
 
     With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
     heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
@@ -144,6 +150,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     store = store or config.data.store
     device = device or torch.device("cpu")
     if config.train.data in ("slices", "slice_pairs"):
+        if score_smoothing is not None:
+            config.data.volume_stream.score_smoothing = score_smoothing
         return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device)
     method, _ = load_method(run_dir)
     method.to(device)
@@ -278,6 +286,15 @@ def volume_score(voxel_scores: np.ndarray, top_fraction: float = 0.001) -> float
     return float(flat[: max(10, int(top_fraction * flat.size))].mean())
 
 
+def smooth_scores(voxel_scores: np.ndarray, sigma: float) -> np.ndarray:
+    """A reassembled score volume smoothed by a 3D Gaussian of ``sigma`` voxels (0: unchanged)."""
+    if not sigma:
+        return voxel_scores
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(voxel_scores.astype(np.float32), sigma, mode="nearest")
+
+
 def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
     """Undo SliceStream's pad-to-square and resize: (S, S) maps back to (height, width) planes."""
     import torch.nn.functional as F
@@ -334,6 +351,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
         root = store_path(store)
         for volume_id, row in volumes.items():
             target = {"normal": 0, "anomalous": 1}.get(row.label, -1)
+            scores[volume_id] = smooth_scores(scores[volume_id], stream_config.score_smoothing)
             sample = method.sample_score(scores[volume_id]) if hasattr(method, "sample_score") \
                 else volume_score(scores[volume_id])
             write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
@@ -344,7 +362,8 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             if target == 1:
                 names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
     parts = _gather(env, (metrics, names))
-    return _write_outputs(out, run_dir, parts) if parts is not None else None
+    settings = {"score_smoothing": stream_config.score_smoothing}
+    return _write_outputs(out, run_dir, parts, settings) if parts is not None else None
 
 
 def _volume_figure(root: Path, volume_id: str, scores: np.ndarray, mask, folder: Path) -> str:

@@ -45,7 +45,7 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
             stain=config.data.stain, shuffle=False)
     else:
         from data_plane.volume_stream import SliceStream
-        from trainers.evaluate import _unsquare, volume_score
+        from trainers.evaluate import _unsquare, smooth_scores, volume_score
 
         stream_config = config.data.volume_stream.model_copy(update={
             "splits": splits, "ids": sorted(held | anomalies), "labels": None, "groups": None,
@@ -64,7 +64,7 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
         reduce = getattr(method, "sample_score", volume_score)
         items = list(voxels)
         labels = [1 if v in anomalies else 0 for v in items]
-        scores = [reduce(voxels[v]) for v in items]
+        scores = [reduce(smooth_scores(voxels[v], stream_config.score_smoothing)) for v in items]
         normal_stream = SliceStream(config.data.store, config.data.volume_stream.model_copy(update={
             "splits": ["train"], "ids": sorted(held), "labels": None, "groups": None}), shuffle=False)
     losses = []
