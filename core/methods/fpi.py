@@ -6,7 +6,7 @@ pixel score; an image (slice, tile) or volume score is the mean of its highest-s
 
 - Pairs: ``image_b`` from the stream when it has one (slice k of another volume: PairedSliceStream,
   ``train.data: slice_pairs``), else the batch paired with itself shifted by one (the batch is
-  shuffled, so a random pairing of tiles). New pairs, boxes and α at every step, made on the device
+  shuffled, so a random pairing of tiles). ``random_partner_share`` mixes the two. New pairs, boxes and α at every step, made on the device
   that trains (core.anomalies.foreign_patch_interpolation).
 - ``mode: continuous``: α ~ U(0, 1), sigmoid head, pixel-wise binary cross-entropy on the soft label.
   ``mode: discrete``: α ∈ {0, .25, .5, .75, 1}, 5-class softmax head and cross-entropy; the pixel
@@ -89,6 +89,10 @@ class ForeignPatchInterpolation(nn.Module):
         dropout: float = Field(0.0, ge=0, lt=1)       # dropout inside residual blocks
         top_fraction: float = Field(0.01, gt=0, le=1)  # image score: mean of this share of highest pixels
         volume_top_fraction: float = Field(0.001, gt=0, le=1)  # volume score: mean of this share of voxels
+        # With aligned pairs in the batch (train.data: slice_pairs): the share of items whose foreign patch
+        # comes from a random other item of the batch instead. Aligned partners teach fine anatomical
+        # differences (deformations); random ones teach foreign content; 0 = the paper's aligned pairs.
+        random_partner_share: float = Field(0.0, ge=0, le=1)
 
         @model_validator(mode="after")
         def _depth_is_wrn_like(self):
@@ -118,8 +122,12 @@ class ForeignPatchInterpolation(nn.Module):
     def training_step(self, batch: dict, state=None) -> dict[str, torch.Tensor]:
         images = batch["image"]
         others = batch.get("image_b")
+        shuffled = torch.roll(images, 1, dims=0)
         if others is None:
-            others = torch.roll(images, 1, dims=0)
+            others = shuffled
+        elif self.config.random_partner_share > 0:
+            pick = torch.rand(len(images), device=images.device) < self.config.random_partner_share
+            others = torch.where(pick.view(-1, *[1] * (images.dim() - 1)), shuffled, others)
         blended, label, _ = foreign_patch_interpolation(images, others, discrete=self.config.mode == "discrete")
         logits = self.model(blended)
         if self.config.mode == "discrete":

@@ -69,6 +69,25 @@ def test_both_alpha_modes_train_and_score_in_unit_range(mode):
     assert head == (5 if mode == "discrete" else 1)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_random_partner_share_mixes_aligned_and_random_partners(share, monkeypatch):
+    import core.methods.fpi as fpi
+
+    partners = []
+    real = fpi.foreign_patch_interpolation
+    monkeypatch.setattr(fpi, "foreign_patch_interpolation", lambda image, other, **kw: (partners.append(other),
+                                                                                         real(image, other, **kw))[1])
+    torch.manual_seed(0)
+    method = create_method("fpi", {"base": 4, "widen": 1, "depth": 6, "random_partner_share": share})
+    images, _ = smooth_discs(64)
+    aligned = images.flip(0) + 1  # distinguishable from every image of the batch
+    method.training_step({"image": images, "image_b": aligned})
+    from_aligned = (partners[0] == aligned).flatten(1).all(dim=1)
+    from_batch = (partners[0] == torch.roll(images, 1, dims=0)).flatten(1).all(dim=1)
+    assert bool((from_aligned ^ from_batch).all())  # each item has exactly one of the two partners
+    assert float(from_batch.float().mean()) == pytest.approx(share, abs=0.2)
+
+
 def test_volume_score_is_the_mean_of_the_top_voxels():
     method = create_method("fpi", {"base": 4, "widen": 1, "depth": 6, "volume_top_fraction": 0.01})
     volume = np.zeros((10, 10, 10), np.float32)
