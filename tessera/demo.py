@@ -139,7 +139,7 @@ def run_demo(config, console: Console | None = None) -> Path:
                                  show_progress=False)
     fpi_tree = config.model_dump(mode="json")
     fpi_tree["data"]["store"] = str(run.path / "brain.zarr")
-    fpi_tree["data"]["volume_stream"].update({"slice_size": 64, "min_foreground": 0.05})
+    fpi_tree["data"]["volume_stream"].update({"slice_size": 64, "min_foreground": 0.05, "score_smoothing": 4})
     fpi_tree["method"] = {"name": "fpi", "options": {"in_channels": 1, "base": 8, "widen": 1, "depth": 10,
                                                      "max_channels": 64}}
     fpi_tree["train"].update({"data": "slices", "steps": 300, "micro_batch": 16, "clip_grad": None,
