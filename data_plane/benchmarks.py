@@ -46,9 +46,12 @@ def split_counts(subjects: int) -> tuple[int, int, int]:
 
 
 def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 2, seed: int = 0,
-                         show_progress: bool = True, val_anomalous: int = 0) -> Path:
+                         show_progress: bool = True, val_anomalous: int = 0, val_normal: int = 0) -> Path:
     """Write the benchmark into ``out``; returns the manifest CSV. ``val_anomalous`` more subjects, with
-    outliers, form a ``val`` split: the few known anomalies a weakly-supervised search chooses by."""
+    outliers, form a ``val`` split: the few known anomalies a weakly-supervised search chooses by;
+    ``val_normal`` more normal subjects join it, so evaluation settings (a volume score's reduction,
+    smoothing) can be chosen on a val sample AUROC without touching the test split. Subject i is the
+    same whatever the counts after it: adding val subjects leaves train and test unchanged."""
     import nibabel
     import torch
     from nilearn import datasets
@@ -64,10 +67,10 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     affine = template.affine
     t1 = np.asarray(template.dataobj, np.float32)
     brain_mask = np.asarray(brain.dataobj, np.float32) > 0.5
-    n_train, n_test_normal, n_anomalous = split_counts(subjects)
+    n_train, n_test_normal, _ = split_counts(subjects)
     rows = []
     examples = {}
-    steps = range(subjects + val_anomalous)
+    steps = range(subjects + val_anomalous + val_normal)
     for i in (track(steps, description="brain subjects") if show_progress else steps):
         sample = _subject_transform(seed * 100_003 + i)({"image": t1[None], "brain": brain_mask[None].astype(np.float32)})
         image = torch.as_tensor(sample["image"]).float()
@@ -81,7 +84,7 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
         if i >= n_train:
             split = "test" if i < subjects else "val"
             mask = torch.zeros_like(foreground)
-            if i >= n_train + n_test_normal:
+            if n_train + n_test_normal <= i < subjects + val_anomalous:
                 first = n_train + n_test_normal if i < subjects else subjects
                 label, group = "anomalous", OUTLIER_KINDS[(i - first) % len(OUTLIER_KINDS)]
                 rng = np.random.default_rng((seed, i))

@@ -252,14 +252,17 @@ def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfT
                          resolution: int = typer.Option(2, min=1, max=2, help="MNI152 resolution in mm: 1 or 2."),
                          seed: int = typer.Option(0, help="Seed of deformations and outliers."),
                          val_anomalous: int = typer.Option(0, min=0, help="Extra subjects with outliers in a "
-                                                                            "'val' split (known anomalies for tune).")) -> None:
+                                                                            "'val' split (known anomalies for tune)."),
+                         val_normal: int = typer.Option(0, min=0, help="Extra normal subjects in the 'val' split "
+                                                                         "(to choose eval settings by a val AUROC).")) -> None:
     """Brain MRI subjects from the MNI152 template, with MOOD's five outlier kinds in the test split."""
     from data_plane.benchmarks import make_brain_benchmark, split_counts
 
-    manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous)
+    manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous, val_normal=val_normal)
     train, normal, anomalous = split_counts(subjects)
     typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous"
-               f"{f', {val_anomalous} val anomalous' if val_anomalous else ''}) "
+               f"{f', {val_anomalous} val anomalous' if val_anomalous else ''}"
+               f"{f', {val_normal} val normal' if val_normal else ''}) "
                f"-> {manifest}; ingest with: tessera ingest --manifest {manifest} --store STORE")
 
 
