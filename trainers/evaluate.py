@@ -292,7 +292,7 @@ def smooth_scores(voxel_scores: np.ndarray, sigma: float) -> np.ndarray:
         return voxel_scores
     from scipy import ndimage
 
-    return ndimage.gaussian_filter(voxel_scores.astype(np.float32), sigma, mode="nearest")
+    return ndimage.gaussian_filter(np.asarray(voxel_scores, np.float32), sigma, mode="nearest")
 
 
 def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:

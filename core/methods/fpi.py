@@ -6,8 +6,8 @@ pixel score; an image (slice, tile) or volume score is the mean of its highest-s
 
 - Pairs: ``image_b`` from the stream when it has one (slice k of another volume: PairedSliceStream,
   ``train.data: slice_pairs``), else the batch paired with itself shifted by one (the batch is
-  shuffled, so a random pairing of tiles). ``random_partner_share`` mixes the two. New pairs, boxes and α at every step, made on the device
-  that trains (core.anomalies.foreign_patch_interpolation).
+  shuffled, so a random pairing of tiles); ``random_partner_share`` mixes the two. New pairs, boxes
+  and α at every step, made on the device that trains (core.anomalies.foreign_patch_interpolation).
 - ``mode: continuous``: α ~ U(0, 1), sigmoid head, pixel-wise binary cross-entropy on the soft label.
   ``mode: discrete``: α ∈ {0, .25, .5, .75, 1}, 5-class softmax head and cross-entropy; the pixel
   score is the expected α under the softmax.
@@ -122,12 +122,11 @@ class ForeignPatchInterpolation(nn.Module):
     def training_step(self, batch: dict, state=None) -> dict[str, torch.Tensor]:
         images = batch["image"]
         others = batch.get("image_b")
-        shuffled = torch.roll(images, 1, dims=0)
         if others is None:
-            others = shuffled
+            others = torch.roll(images, 1, dims=0)
         elif self.config.random_partner_share > 0:
             pick = torch.rand(len(images), device=images.device) < self.config.random_partner_share
-            others = torch.where(pick.view(-1, *[1] * (images.dim() - 1)), shuffled, others)
+            others = torch.where(pick.view(-1, *[1] * (images.dim() - 1)), torch.roll(images, 1, dims=0), others)
         blended, label, _ = foreign_patch_interpolation(images, others, discrete=self.config.mode == "discrete")
         logits = self.model(blended)
         if self.config.mode == "discrete":
