@@ -159,6 +159,26 @@ def fpi_boxes(count: int, shape: tuple[int, ...], generator: torch.Generator | N
     return start, stop
 
 
+def zoomed_copies(images: torch.Tensor, scale_range: tuple[float, float] = (0.5, 2.0),
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each 2D image (B, C, H, W) resampled by a zoom about a random point: its own content at a wrong scale
+    and place. Scale s is log-uniform in ``scale_range`` (s > 1 magnifies), the fixed point uniform in the
+    middle 80 % of each axis; samples outside the image read 0 (background after the volume ingest)."""
+    if images.dim() != 4:
+        raise ValueError(f"zoomed copies are made of 2D images (B, C, H, W), got shape {tuple(images.shape)}")
+    count, device = images.shape[0], images.device
+    low, high = np.log(scale_range[0]), np.log(scale_range[1])
+    scale = torch.exp(low + (high - low) * torch.rand(count, generator=generator, device=device))
+    fixed = 0.8 * (torch.rand(count, 2, generator=generator, device=device) * 2 - 1)  # in [-0.8, 0.8], (x, y)
+    # affine_grid maps output coordinates to input ones: p_in = fixed + (p_out - fixed) / s
+    theta = torch.zeros(count, 2, 3, device=device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = fixed * (1 - 1 / scale[:, None])
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).to(images.dtype)
+
+
 def foreign_patch_interpolation(image: torch.Tensor, other: torch.Tensor, alpha: torch.Tensor | None = None,
                                 discrete: bool = False, boxes: tuple[torch.Tensor, torch.Tensor] | None = None,
                                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

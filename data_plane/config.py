@@ -85,6 +85,12 @@ class VolumeStreamConfig(StrictConfig):
     # volume score and the pixel metrics. Slices are scored one by one, so neighbouring planes' maps
     # disagree; an outlier is a 3D blob. 0 = the raw slice maps.
     score_smoothing: float = Field(0.0, ge=0)
+    # Eval: the split (e.g. "train") whose normal volumes give a normative map, the voxel-wise mean of
+    # their (smoothed) score volumes, subtracted from every score volume before its volume score. A
+    # model's false positives on normal anatomy recur at the same places across subjects; this takes
+    # them out of the ranking. Needs volumes registered to one shape. Pixel outputs stay unsubtracted.
+    # None = off.
+    normal_baseline: str | None = None
 
 
 class StreamConfig(StrictConfig):

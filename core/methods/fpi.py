@@ -6,7 +6,9 @@ pixel score; an image (slice, tile) or volume score is the mean of its highest-s
 
 - Pairs: ``image_b`` from the stream when it has one (slice k of another volume: PairedSliceStream,
   ``train.data: slice_pairs``), else the batch paired with itself shifted by one (the batch is
-  shuffled, so a random pairing of tiles); ``random_partner_share`` mixes the two. New pairs, boxes
+  shuffled, so a random pairing of tiles); ``random_partner_share`` mixes the two, and
+  ``zoomed_partner_share`` (our addition, not the paper's) replaces a share of partners by a zoomed copy
+  of the item itself. New pairs, boxes
   and α at every step, made on the device that trains (core.anomalies.foreign_patch_interpolation).
 - ``mode: continuous``: α ~ U(0, 1), sigmoid head, pixel-wise binary cross-entropy on the soft label.
   ``mode: discrete``: α ∈ {0, .25, .5, .75, 1}, 5-class softmax head and cross-entropy; the pixel
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from core.anomalies import FPI_ALPHAS, foreign_patch_interpolation
+from core.anomalies import FPI_ALPHAS, foreign_patch_interpolation, zoomed_copies
 from core.config import StrictConfig
 from core.methods import register_method
 
@@ -93,6 +95,22 @@ class ForeignPatchInterpolation(nn.Module):
         # comes from a random other item of the batch instead. Aligned partners teach fine anatomical
         # differences (deformations); random ones teach foreign content; 0 = the paper's aligned pairs.
         random_partner_share: float = Field(0.0, ge=0, le=1)
+        # The share of items whose foreign patch comes from the item itself, zoomed about a random point
+        # (core.anomalies.zoomed_copies): the patch then shows the right tissue at a wrong scale and place,
+        # which teaches local deformations that a partner from another subject does not. 0 = the paper.
+        zoomed_partner_share: float = Field(0.0, ge=0, le=1)
+        zoom_range: tuple[float, float] = (0.5, 2.0)  # scale of the zoomed copies, log-uniform
+        # Test-time augmentation: the pixel map is the mean of the maps of the image and of these views of
+        # it, each mapped back ("flip_x"/"flip_y": mirrored along width/height; "shift": moved by 1/32
+        # of the side). A convolutional network's errors on normal anatomy vary with such views, an
+        # interpolated patch does not, so averaging lowers the false positives. Costs one pass per view.
+        test_views: list[Literal["flip_x", "flip_y", "shift"]] = []
+
+        @model_validator(mode="after")
+        def _zoom_range_ordered(self):
+            if not 0 < self.zoom_range[0] <= self.zoom_range[1]:
+                raise ValueError(f"zoom_range must be (low, high) with 0 < low <= high, got {self.zoom_range}")
+            return self
 
         @model_validator(mode="after")
         def _depth_is_wrn_like(self):
@@ -127,6 +145,11 @@ class ForeignPatchInterpolation(nn.Module):
         elif self.config.random_partner_share > 0:
             pick = torch.rand(len(images), device=images.device) < self.config.random_partner_share
             others = torch.where(pick.view(-1, *[1] * (images.dim() - 1)), torch.roll(images, 1, dims=0), others)
+        if self.config.zoomed_partner_share > 0:
+            pick = torch.rand(len(images), device=images.device) < self.config.zoomed_partner_share
+            if pick.any():
+                others = others.clone()
+                others[pick] = zoomed_copies(images[pick], self.config.zoom_range)
         blended, label, _ = foreign_patch_interpolation(images, others, discrete=self.config.mode == "discrete")
         logits = self.model(blended)
         if self.config.mode == "discrete":
@@ -139,7 +162,19 @@ class ForeignPatchInterpolation(nn.Module):
     @torch.no_grad()
     def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel map: predicted α; image score: mean of the top ``top_fraction`` of its pixels."""
-        pixel = self(batch["image"]).float()
+        images = batch["image"]
+        pixel = self(images).float()
+        for view in self.config.test_views:
+            if view == "shift":
+                # moved down-right with the edge replicated (a wrapped-around strip would look foreign)
+                step = max(1, images.shape[-1] // 32)
+                height, width = images.shape[-2:]
+                moved = F.pad(images, (step, 0, step, 0), mode="replicate")[..., :height, :width]
+                pixel += F.pad(self(moved).float(), (0, step, 0, step), mode="replicate")[..., step:, step:]
+            else:
+                dims = (-1,) if view == "flip_x" else (-2,)
+                pixel += self(images.flip(dims)).float().flip(dims)
+        pixel /= 1 + len(self.config.test_views)
         flat = pixel.flatten(1)
         k = max(1, int(round(self.config.top_fraction * flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(dim=1), pixel

@@ -94,3 +94,42 @@ def test_volume_score_is_the_mean_of_the_top_voxels():
     volume.flat[:10] = 1.0  # exactly the top 1 %
     volume.flat[10:20] = 0.5
     assert method.sample_score(volume) == pytest.approx(1.0)
+
+
+def test_zoomed_copies_rescale_about_a_fixed_point_within_the_range():
+    from core.anomalies import zoomed_copies
+
+    size = 64
+    ramp = torch.arange(size, dtype=torch.float32).view(1, 1, 1, size).expand(16, 1, size, size) + 100
+    assert torch.allclose(zoomed_copies(ramp, (1.0, 1.0)), ramp, atol=1e-3)
+    torch.manual_seed(0)
+    zoomed = zoomed_copies(ramp, (0.5, 2.0))
+    for image in zoomed[:, 0]:
+        valid = image > 50  # ~0 where the zoom reads outside the image (and a blend at its border)
+        row = image[size // 2][valid[size // 2]][1:-1]
+        slope = float((row[-1] - row[0]) / (len(row) - 1))  # 1 / s for the ramp x -> x + 100
+        assert 0.5 - 1e-3 <= 1 / slope <= 2.0 + 1e-3
+        # away from the zero border, a zoom of a horizontal ramp stays the same ramp in every row
+        rows, cols = valid.all(dim=1), valid[size // 2]
+        rows, cols = [torch.nn.functional.pad(m[:-2] & m[1:-1] & m[2:], (1, 1)) for m in (rows, cols)]
+        assert torch.allclose(image[rows][:, cols], image[size // 2, cols].expand(int(rows.sum()), -1), atol=1e-3)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_zoomed_partner_share_takes_the_share_of_partners_from_the_item_itself(share, monkeypatch):
+    import core.methods.fpi as fpi
+
+    partners = []
+    real = fpi.foreign_patch_interpolation
+    monkeypatch.setattr(fpi, "foreign_patch_interpolation", lambda image, other, **kw: (partners.append(other),
+                                                                                         real(image, other, **kw))[1])
+    torch.manual_seed(0)
+    method = create_method("fpi", {"base": 4, "widen": 1, "depth": 6, "zoomed_partner_share": share})
+    images, _ = smooth_discs(64)
+    aligned = images.flip(0) + 1  # outside [0, 1]: a zoomed copy of an image can never equal it
+    method.training_step({"image": images, "image_b": aligned})
+    from_aligned = (partners[0] == aligned).flatten(1).all(dim=1)
+    assert float((~from_aligned).float().mean()) == pytest.approx(share, abs=0.2)
+    if share:
+        zoomed = partners[0][~from_aligned]
+        assert float(zoomed.max()) <= 1.0 and not torch.equal(zoomed, images[~from_aligned])
