@@ -185,7 +185,10 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
              nproc: int = typer.Option(1, min=1, help="Ranks scoring shares of the items (torchrun); 1 = in-process."),
              score_smoothing: Optional[float] = typer.Option(
                  None, min=0, help="Volumes: σ (voxels) of the 3D Gaussian over score volumes; default the run's "
-                 "data.volume_stream.score_smoothing.")) -> None:
+                 "data.volume_stream.score_smoothing."),
+             normal_baseline: Optional[str] = typer.Option(
+                 None, help="Volumes: split whose normals' mean score map is subtracted before the volume score "
+                 "('none' = off); default the run's data.volume_stream.normal_baseline.")) -> None:
     """Score a split: metrics.json, ROC/PR curves, slide heatmaps and an index.html in RUN_DIR/eval-SPLIT."""
     import json
     import os
@@ -199,6 +202,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                    "-m", "trainers.eval_main", str(run_dir), "--split", split]
         command += (["--store", store] if store else []) + [a for g in groups or [] for a in ("--group", g)]
         command += ["--score-smoothing", str(score_smoothing)] if score_smoothing is not None else []
+        command += ["--normal-baseline", normal_baseline] if normal_baseline is not None else []
         code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
                               ).returncode
         if code:
@@ -206,7 +210,8 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         result = json.loads((run_dir / f"eval-{split}" / "metrics.json").read_text())
     else:
         try:
-            result = run_eval(run_dir, store, split, groups, score_smoothing=score_smoothing)
+            result = run_eval(run_dir, store, split, groups, score_smoothing=score_smoothing,
+                              normal_baseline=normal_baseline)
         except (FileNotFoundError, NotImplementedError, ValueError) as exc:
             _fail(str(exc))
     overall = result["overall"]

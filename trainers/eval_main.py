@@ -13,6 +13,7 @@ def main() -> None:
     parser.add_argument("--group", action="append", dest="groups")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--score-smoothing", type=float)
+    parser.add_argument("--normal-baseline")
     args = parser.parse_args()
     from trainers.dist import DistEnv
     from trainers.evaluate import evaluate
@@ -20,7 +21,8 @@ def main() -> None:
     env = DistEnv.from_env()
     device = env.init()
     evaluate(args.run_dir, args.store, args.split, args.groups, workers=args.workers, env=env, device=device,
-             show_progress=env.is_main, score_smoothing=args.score_smoothing)
+             show_progress=env.is_main, score_smoothing=args.score_smoothing,
+             normal_baseline=args.normal_baseline)
 
 
 if __name__ == "__main__":

@@ -129,10 +129,12 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
 @torch.no_grad()
 def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test", groups: list[str] | None = None,
              batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
-             device: torch.device | None = None, score_smoothing: float | None = None) -> dict | None:
+             device: torch.device | None = None, score_smoothing: float | None = None,
+             normal_baseline: str | None = None) -> dict | None:
     """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs.
 
-    ``score_smoothing`` (volume runs) replaces the run's ``data.volume_stream.score_smoothing``.
+    ``score_smoothing`` and ``normal_baseline`` (volume runs) replace the run's
+    ``data.volume_stream`` settings of those names; ``normal_baseline="none"`` turns it off.
 
     With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
     heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
@@ -152,6 +154,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     if config.train.data in ("slices", "slice_pairs"):
         if score_smoothing is not None:
             config.data.volume_stream.score_smoothing = score_smoothing
+        if normal_baseline is not None:
+            config.data.volume_stream.normal_baseline = None if normal_baseline == "none" else normal_baseline
         return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device)
     method, _ = load_method(run_dir)
     method.to(device)
@@ -306,16 +310,114 @@ def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 @torch.no_grad()
+def score_volumes(method, store, stream_config, ids: list[str], batch_size: int, workers: int, show: bool,
+                   device: torch.device, description: str) -> tuple[dict, dict]:
+    """Score ``ids`` slice by slice: their reassembled (unsmoothed) voxel score volumes and index rows."""
+    from rich.progress import track
+    from torch.utils.data import DataLoader
+
+    from data_plane.volume_stream import SliceStream
+
+    stream = SliceStream(store, stream_config.model_copy(update={"ids": ids}), shuffle=False).batched(batch_size)
+    axis = stream_config.slice_axis
+    volumes = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
+    scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
+    batches = DataLoader(stream, batch_size=None, num_workers=workers)
+    for batch in (track(batches, total=len(stream), description=description) if show else batches):
+        _, maps = method.score(_on(batch, device))
+        maps = maps.float().cpu()
+        for i, volume_id in enumerate(batch["volume_id"]):
+            plane_shape = [s for a, s in enumerate(scores[volume_id].shape) if a != axis]
+            plane = _unsquare(maps[i], *plane_shape)[0]
+            index = [slice(None)] * 3
+            index[axis] = int(batch["slice"][i])
+            scores[volume_id][tuple(index)] = plane
+    return scores, volumes
+
+
+def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int, workers: int, show: bool,
+                    device: torch.device, env=None) -> np.ndarray:
+    """The voxel-wise mean of the smoothed score volumes of the normal volumes of split
+    ``stream_config.normal_baseline``: where the model's false positives on normal anatomy recur.
+
+    Cached in RUN_DIR/baselines/ (written whole, then renamed) and recomputed when the weights, the
+    method options, σ, the store or the split's volumes change. With several ranks each scores its share.
+    """
+    from data_plane.store import store_path
+    from data_plane.volume_stream import select_volumes
+    from data_plane.volumes import volume_index
+
+    split = stream_config.normal_baseline
+    config = stream_config.model_copy(update={"splits": [split], "labels": ["normal"], "groups": None, "ids": None,
+                                              "normal_baseline": None})
+    ids = sorted(set(select_volumes(volume_index(store), config)["volume_id"]))
+    if not ids:
+        raise ValueError(f"normal_baseline: split '{split}' of store '{store}' has no normal volume to build "
+                         "the normative score map from; name a split with normals or set it to null")
+    weights = run_dir / "final.pt"
+    key = {"split": split, "ids": ids, "sigma": stream_config.score_smoothing, "store": str(store_path(store)),
+           "slice_axis": stream_config.slice_axis, "slice_size": stream_config.slice_size,
+           "options": method.config.model_dump(mode="json") if hasattr(method, "config") else None,
+           "weights": [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None}
+    folder = run_dir / "baselines"
+    path = folder / f"{split}-sigma{stream_config.score_smoothing:g}.npz"
+    cached = None
+    if env is None or env.is_main:
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as saved:
+                if json.loads(str(saved["key"])) == key:
+                    cached = saved["mean"]
+    if env is not None and env.world_size > 1:
+        import torch.distributed as dist
+
+        found = [cached is not None]
+        dist.broadcast_object_list(found, src=0)
+        if found[0]:
+            holder = [cached]
+            dist.broadcast_object_list(holder, src=0)
+            return holder[0]
+    elif cached is not None:
+        return cached
+    mine = _share(ids, env)
+    scores, _ = score_volumes(method, store, config, mine, batch_size, workers, show, device,
+                               f"baseline {split} normals") if mine else ({}, {})
+    total = None
+    for volume_id, volume in scores.items():
+        volume = smooth_scores(volume, stream_config.score_smoothing)
+        if total is not None and volume.shape != total.shape:
+            raise ValueError(f"normal_baseline needs volumes of one shape (registered to one template): "
+                             f"'{volume_id}' is {volume.shape}, earlier normals of '{split}' {total.shape}")
+        total = volume.astype(np.float64) if total is None else total + volume
+    if env is not None and env.world_size > 1:
+        import torch.distributed as dist
+
+        shapes = [None] * env.world_size
+        dist.all_gather_object(shapes, None if total is None else total.shape)
+        shape = next(s for s in shapes if s is not None)
+        if any(s is not None and s != shape for s in shapes):
+            raise ValueError(f"normal_baseline needs volumes of one shape (registered to one template); "
+                             f"the normals of '{split}' have shapes {sorted(set(s for s in shapes if s))}")
+        summed = torch.from_numpy(total) if total is not None else torch.zeros(shape, dtype=torch.float64)
+        dist.all_reduce(summed)
+        total = summed.numpy()
+    mean = (total / len(ids)).astype(np.float32)
+    if env is None or env.is_main:
+        folder.mkdir(exist_ok=True)
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, mean=mean, key=json.dumps(key))
+        partial.replace(path)
+    return mean
+
+
+@torch.no_grad()
 def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
                      show_progress: bool, env=None, device: torch.device | None = None) -> dict | None:
     """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
     (with several ranks: each its share of the volumes, gathered on the main rank)."""
     import zarr
-    from rich.progress import track
-    from torch.utils.data import DataLoader
 
     from data_plane.store import store_path
-    from data_plane.volume_stream import SliceStream, select_volumes
+    from data_plane.volume_stream import select_volumes
     from data_plane.volumes import volume_index, write_volume_scores
 
     device = device or torch.device("cpu")
@@ -330,30 +432,25 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     mine = _share(everything["volume_id"], env)
     out = run_dir / f"eval-{split}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    show = show_progress and (env is None or env.is_main)
+    baseline = None
+    if stream_config.normal_baseline:
+        baseline = normal_baseline(run_dir, method, stream_config, store, batch_size, workers, show, device, env)
     metrics = AnomalyMetrics()
     names = []
     if mine:
-        stream = SliceStream(store, stream_config.model_copy(update={"ids": mine}), shuffle=False).batched(batch_size)
-        axis = stream_config.slice_axis
-        volumes = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
-        scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
-        batches = DataLoader(stream, batch_size=None, num_workers=workers)
-        show = show_progress and (env is None or env.is_main)
-        for batch in (track(batches, total=len(stream), description=f"eval {split}") if show else batches):
-            _, maps = method.score(_on(batch, device))
-            maps = maps.float().cpu()
-            for i, volume_id in enumerate(batch["volume_id"]):
-                plane_shape = [s for a, s in enumerate(scores[volume_id].shape) if a != axis]
-                plane = _unsquare(maps[i], *plane_shape)[0]
-                index = [slice(None)] * 3
-                index[axis] = int(batch["slice"][i])
-                scores[volume_id][tuple(index)] = plane
+        scores, volumes = score_volumes(method, store, stream_config, mine, batch_size, workers, show, device,
+                                         f"eval {split}")
         root = store_path(store)
+        reduce = getattr(method, "sample_score", volume_score)
         for volume_id, row in volumes.items():
             target = {"normal": 0, "anomalous": 1}.get(row.label, -1)
             scores[volume_id] = smooth_scores(scores[volume_id], stream_config.score_smoothing)
-            sample = method.sample_score(scores[volume_id]) if hasattr(method, "sample_score") \
-                else volume_score(scores[volume_id])
+            if baseline is not None and baseline.shape != scores[volume_id].shape:
+                raise ValueError(f"normal_baseline needs volumes of one shape (registered to one template): "
+                                 f"'{volume_id}' is {scores[volume_id].shape}, the normative map of split "
+                                 f"'{stream_config.normal_baseline}' {baseline.shape}")
+            sample = reduce(scores[volume_id] - baseline if baseline is not None else scores[volume_id])
             write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
             if target < 0:
                 continue
@@ -362,7 +459,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             if target == 1:
                 names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
     parts = _gather(env, (metrics, names))
-    settings = {"score_smoothing": stream_config.score_smoothing}
+    settings = {"score_smoothing": stream_config.score_smoothing, "normal_baseline": stream_config.normal_baseline}
     return _write_outputs(out, run_dir, parts, settings) if parts is not None else None
 
 

@@ -45,22 +45,12 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
             stain=config.data.stain, shuffle=False)
     else:
         from data_plane.volume_stream import SliceStream
-        from trainers.evaluate import _unsquare, smooth_scores, volume_score
+        from trainers.evaluate import score_volumes, smooth_scores, volume_score
 
         stream_config = config.data.volume_stream.model_copy(update={
-            "splits": splits, "ids": sorted(held | anomalies), "labels": None, "groups": None,
-            "min_foreground": 0.0, "augment": "none"})
-        stream = SliceStream(config.data.store, stream_config, shuffle=False)
-        axis = stream_config.slice_axis
-        rows = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
-        voxels = {v: np.zeros((r.shape_z, r.shape_y, r.shape_x), np.float32) for v, r in rows.items()}
-        for batch in stream.batched(batch_size):
-            maps = method.score(_on(batch, device))[1].float().cpu()
-            for i, volume_id in enumerate(batch["volume_id"]):
-                shape = [s for a, s in enumerate(voxels[volume_id].shape) if a != axis]
-                index = [slice(None)] * 3
-                index[axis] = int(batch["slice"][i])
-                voxels[volume_id][tuple(index)] = _unsquare(maps[i], *shape)[0]
+            "splits": splits, "labels": None, "groups": None, "min_foreground": 0.0, "augment": "none"})
+        voxels, _ = score_volumes(method, config.data.store, stream_config, sorted(held | anomalies), batch_size,
+                                   0, False, device, "")
         reduce = getattr(method, "sample_score", volume_score)
         items = list(voxels)
         labels = [1 if v in anomalies else 0 for v in items]

@@ -133,3 +133,17 @@ def test_zoomed_partner_share_takes_the_share_of_partners_from_the_item_itself(s
     if share:
         zoomed = partners[0][~from_aligned]
         assert float(zoomed.max()) <= 1.0 and not torch.equal(zoomed, images[~from_aligned])
+
+
+@pytest.mark.parametrize("views", [["flip_x"], ["flip_y"], ["shift"], ["flip_x", "shift"]])
+def test_test_views_are_mapped_back_before_averaging(views, monkeypatch):
+    """With a network that returns its input, every view mapped back is the image again (up to the
+    replicated edge strip of a shift): the averaged map equals the image, so views add no displacement."""
+    method = create_method("fpi", {"base": 4, "widen": 1, "depth": 6, "test_views": views}).eval()
+    monkeypatch.setattr(type(method), "forward", lambda self, images: images)
+    images, _ = smooth_discs(4, size=64)
+    _, pixel = method.score({"image": images})
+    inner = (slice(None), slice(None), slice(0, -2), slice(0, -2))  # shift: 64 // 32 = 2 replicated pixels
+    assert torch.allclose(pixel[inner], images[inner], atol=1e-6)
+    if "shift" not in views:
+        assert torch.allclose(pixel, images, atol=1e-6)

@@ -148,7 +148,7 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path):
         assert scored.shape == original.shape and np.allclose(scored.affine, original.affine)
         assert float((mood / "sample" / f"{case}.txt").read_text()) > 0
     assert (run_dir / "eval-test" / "index.html").is_file()
-    assert result["settings"] == {"score_smoothing": 0.0}
+    assert result["settings"] == {"score_smoothing": 0.0, "normal_baseline": None}
 
     # The same run evaluated with 3D smoothing: recorded with the metrics, and the written score volumes
     # vary less from one slice to the next than the raw slice-by-slice maps did.
@@ -158,8 +158,45 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path):
 
     raw = slice_jumps(mood)
     smoothed = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=2.0)
-    assert smoothed["settings"] == {"score_smoothing": 2.0}
+    assert smoothed["settings"] == {"score_smoothing": 2.0, "normal_baseline": None}
     assert slice_jumps(mood) < 0.5 * raw
+
+    # With the train normals' normative map: it is their mean smoothed score volume, each sample score
+    # ranks a volume's scores minus it, the stored voxel scores stay unsubtracted, and a rerun reuses it.
+    import zarr
+
+    import trainers.evaluate as evaluation
+    from data_plane.volumes import volume_index
+
+    index = volume_index(store)
+    evaluate(run_dir, split="train", workers=0, show_progress=False, score_smoothing=2.0)
+    stored = {v: zarr.open_array(str(store / "volumes" / v / "scores" / run_dir.name), mode="r")
+              for v in index["volume_id"]}
+    train_normals = index[(index["split"] == "train") & (index["label"] == "normal")]["volume_id"]
+    expected = np.mean([stored[v][:] for v in train_normals], axis=0)
+    test_ids = list(index[index["split"] == "test"]["volume_id"])
+    unsubtracted = {v: stored[v][:] for v in test_ids}  # written by the σ = 2 evaluation above
+    based = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=2.0,
+                     normal_baseline="train")
+    assert based["settings"] == {"score_smoothing": 2.0, "normal_baseline": "train"}
+    with np.load(run_dir / "baselines" / "train-sigma2.npz") as saved:
+        assert np.allclose(saved["mean"], expected, atol=1e-5)
+    for volume_id in test_ids:
+        written = zarr.open_array(str(store / "volumes" / volume_id / "scores" / run_dir.name), mode="r")
+        scores = written[:]
+        assert np.allclose(scores, unsubtracted[volume_id], atol=1e-6)
+        assert written.attrs["sample_score"] == pytest.approx(
+            evaluation.volume_score(scores - expected), abs=1e-5)
+    scored = []
+    real = evaluation.score_volumes
+    evaluation.score_volumes = lambda *a, **k: (scored.append(a[3]), real(*a, **k))[1]
+    try:
+        again = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=2.0,
+                         normal_baseline="train")
+    finally:
+        evaluation.score_volumes = real
+    assert again["overall"] == based["overall"] and len(scored) == 1  # the test volumes only
+    assert not list((run_dir / "baselines").glob("*.partial*"))
 
 
 def test_smoothing_a_score_volume_brings_out_a_blob_scored_slice_by_slice():
