@@ -335,6 +335,12 @@ def score_volumes(method, store, stream_config, ids: list[str], batch_size: int,
     return scores, volumes
 
 
+def _check_baseline_shape(volume_id: str, shape: tuple, expected: tuple | None, split: str) -> None:
+    if expected is not None and tuple(shape) != tuple(expected):
+        raise ValueError(f"normal_baseline needs volumes of one shape (registered to one template): '{volume_id}' "
+                         f"is {tuple(shape)}, the normals of split '{split}' {tuple(expected)}")
+
+
 def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int, workers: int, show: bool,
                     device: torch.device, env=None) -> np.ndarray:
     """The voxel-wise mean of the smoothed score volumes of the normal volumes of split
@@ -384,9 +390,7 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
     total = None
     for volume_id, volume in scores.items():
         volume = smooth_scores(volume, stream_config.score_smoothing)
-        if total is not None and volume.shape != total.shape:
-            raise ValueError(f"normal_baseline needs volumes of one shape (registered to one template): "
-                             f"'{volume_id}' is {volume.shape}, earlier normals of '{split}' {total.shape}")
+        _check_baseline_shape(volume_id, volume.shape, None if total is None else total.shape, split)
         total = volume.astype(np.float64) if total is None else total + volume
     if env is not None and env.world_size > 1:
         import torch.distributed as dist
@@ -394,9 +398,8 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
         shapes = [None] * env.world_size
         dist.all_gather_object(shapes, None if total is None else total.shape)
         shape = next(s for s in shapes if s is not None)
-        if any(s is not None and s != shape for s in shapes):
-            raise ValueError(f"normal_baseline needs volumes of one shape (registered to one template); "
-                             f"the normals of '{split}' have shapes {sorted(set(s for s in shapes if s))}")
+        for rank, other in enumerate(shapes):
+            _check_baseline_shape(f"a volume of rank {rank}", other or shape, shape, split)
         summed = torch.from_numpy(total) if total is not None else torch.zeros(shape, dtype=torch.float64)
         dist.all_reduce(summed)
         total = summed.numpy()
@@ -446,10 +449,9 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
         for volume_id, row in volumes.items():
             target = {"normal": 0, "anomalous": 1}.get(row.label, -1)
             scores[volume_id] = smooth_scores(scores[volume_id], stream_config.score_smoothing)
-            if baseline is not None and baseline.shape != scores[volume_id].shape:
-                raise ValueError(f"normal_baseline needs volumes of one shape (registered to one template): "
-                                 f"'{volume_id}' is {scores[volume_id].shape}, the normative map of split "
-                                 f"'{stream_config.normal_baseline}' {baseline.shape}")
+            if baseline is not None:
+                _check_baseline_shape(volume_id, scores[volume_id].shape, baseline.shape,
+                                      stream_config.normal_baseline)
             sample = reduce(scores[volume_id] - baseline if baseline is not None else scores[volume_id])
             write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
             if target < 0:

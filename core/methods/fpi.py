@@ -8,8 +8,8 @@ pixel score; an image (slice, tile) or volume score is the mean of its highest-s
   ``train.data: slice_pairs``), else the batch paired with itself shifted by one (the batch is
   shuffled, so a random pairing of tiles); ``random_partner_share`` mixes the two, and
   ``zoomed_partner_share`` (our addition, not the paper's) replaces a share of partners by a zoomed copy
-  of the item itself. New pairs, boxes
-  and α at every step, made on the device that trains (core.anomalies.foreign_patch_interpolation).
+  of the item itself. New pairs, boxes and α at every step, made on the device that trains
+  (core.anomalies.foreign_patch_interpolation).
 - ``mode: continuous``: α ~ U(0, 1), sigmoid head, pixel-wise binary cross-entropy on the soft label.
   ``mode: discrete``: α ∈ {0, .25, .5, .75, 1}, 5-class softmax head and cross-entropy; the pixel
   score is the expected α under the softmax.

@@ -69,8 +69,9 @@ def test_both_alpha_modes_train_and_score_in_unit_range(mode):
     assert head == (5 if mode == "discrete" else 1)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
-def test_random_partner_share_mixes_aligned_and_random_partners(share, monkeypatch):
+def _partners_used(options: dict, monkeypatch):
+    """One training step on 64 discs with aligned partners ``image + 1`` (outside [0, 1], so unlike any
+    image of the batch or a zoom of one): (images, aligned partners, the partners the blend was given)."""
     import core.methods.fpi as fpi
 
     partners = []
@@ -78,12 +79,18 @@ def test_random_partner_share_mixes_aligned_and_random_partners(share, monkeypat
     monkeypatch.setattr(fpi, "foreign_patch_interpolation", lambda image, other, **kw: (partners.append(other),
                                                                                          real(image, other, **kw))[1])
     torch.manual_seed(0)
-    method = create_method("fpi", {"base": 4, "widen": 1, "depth": 6, "random_partner_share": share})
+    method = create_method("fpi", {"base": 4, "widen": 1, "depth": 6, **options})
     images, _ = smooth_discs(64)
-    aligned = images.flip(0) + 1  # distinguishable from every image of the batch
+    aligned = images.flip(0) + 1
     method.training_step({"image": images, "image_b": aligned})
-    from_aligned = (partners[0] == aligned).flatten(1).all(dim=1)
-    from_batch = (partners[0] == torch.roll(images, 1, dims=0)).flatten(1).all(dim=1)
+    return images, aligned, partners[0]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_random_partner_share_mixes_aligned_and_random_partners(share, monkeypatch):
+    images, aligned, partners = _partners_used({"random_partner_share": share}, monkeypatch)
+    from_aligned = (partners == aligned).flatten(1).all(dim=1)
+    from_batch = (partners == torch.roll(images, 1, dims=0)).flatten(1).all(dim=1)
     assert bool((from_aligned ^ from_batch).all())  # each item has exactly one of the two partners
     assert float(from_batch.float().mean()) == pytest.approx(share, abs=0.2)
 
@@ -117,21 +124,11 @@ def test_zoomed_copies_rescale_about_a_fixed_point_within_the_range():
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
 def test_zoomed_partner_share_takes_the_share_of_partners_from_the_item_itself(share, monkeypatch):
-    import core.methods.fpi as fpi
-
-    partners = []
-    real = fpi.foreign_patch_interpolation
-    monkeypatch.setattr(fpi, "foreign_patch_interpolation", lambda image, other, **kw: (partners.append(other),
-                                                                                         real(image, other, **kw))[1])
-    torch.manual_seed(0)
-    method = create_method("fpi", {"base": 4, "widen": 1, "depth": 6, "zoomed_partner_share": share})
-    images, _ = smooth_discs(64)
-    aligned = images.flip(0) + 1  # outside [0, 1]: a zoomed copy of an image can never equal it
-    method.training_step({"image": images, "image_b": aligned})
-    from_aligned = (partners[0] == aligned).flatten(1).all(dim=1)
+    images, aligned, partners = _partners_used({"zoomed_partner_share": share}, monkeypatch)
+    from_aligned = (partners == aligned).flatten(1).all(dim=1)
     assert float((~from_aligned).float().mean()) == pytest.approx(share, abs=0.2)
     if share:
-        zoomed = partners[0][~from_aligned]
+        zoomed = partners[~from_aligned]
         assert float(zoomed.max()) <= 1.0 and not torch.equal(zoomed, images[~from_aligned])
 
 

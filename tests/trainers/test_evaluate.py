@@ -112,7 +112,7 @@ def test_export_then_score_new_slides(trained, tmp_path):
         score_inputs(bench / "manifest.csv", [str(bench / "test_normal.tiff")], tmp_path / "x")
 
 
-def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path):
+def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monkeypatch):
     import nibabel
     import numpy as np
 
@@ -188,15 +188,25 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path):
         assert written.attrs["sample_score"] == pytest.approx(
             evaluation.volume_score(scores - expected), abs=1e-5)
     scored = []
-    real = evaluation.score_volumes
-    evaluation.score_volumes = lambda *a, **k: (scored.append(a[3]), real(*a, **k))[1]
-    try:
+    with monkeypatch.context() as patch:
+        real = evaluation.score_volumes
+        patch.setattr(evaluation, "score_volumes", lambda *a, **k: (scored.append(a[3]), real(*a, **k))[1])
         again = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=2.0,
                          normal_baseline="train")
-    finally:
-        evaluation.score_volumes = real
     assert again["overall"] == based["overall"] and len(scored) == 1  # the test volumes only
     assert not list((run_dir / "baselines").glob("*.partial*"))
+
+    # Two ranks build the map from their shares of the normals (summed across ranks) and score alike.
+    (run_dir / "baselines" / "train-sigma2.npz").unlink()
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(run_dir), "--nproc", "2",
+                           "--score-smoothing", "2", "--normal-baseline", "train"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(run_dir / "baselines" / "train-sigma2.npz") as saved:
+        assert np.allclose(saved["mean"], expected, atol=1e-5)
+    shared = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
+    assert shared["settings"] == based["settings"]
+    assert shared["overall"] == pytest.approx(based["overall"], rel=1e-5, nan_ok=True)
 
 
 def test_smoothing_a_score_volume_brings_out_a_blob_scored_slice_by_slice():
