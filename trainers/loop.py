@@ -73,10 +73,19 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     return 1.0
 
 
+def _native_cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX). The check is private torch API,
+    so if it is missing the answer is yes (no warning)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def own_clipping(train: TrainConfig, precision: str) -> bool:
-    """fp32 without ZeRO: gradients are whole and already averaged after backward, so torch's fused
-    (foreach) clip does the job; DeepSpeed's own clip walks the parameters one by one in Python."""
-    return train.clip_grad is not None and train.zero_stage == 0 and precision == "fp32"
+    """fp32 weights without ZeRO: gradients are whole and already averaged after backward, so torch's
+    fused (foreach) clip does the job; DeepSpeed's own clip walks the parameters one by one in Python."""
+    return train.clip_grad is not None and train.zero_stage == 0 and precision in ("fp32", "bf16-mixed")
 
 
 def swa_lr(step_in_phase: int, swa) -> float:
@@ -108,7 +117,10 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.log = RunDir(self.run_dir) if env.is_main else None
         self.precision = resolve_precision(self.train.precision)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        # the dtype batches are cast to: the weights' dtype (bf16-mixed keeps fp32 weights and inputs and
+        # lets autocast choose per operation)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32,
+                      "fp16": torch.float16}[self.precision]
         torch.manual_seed(config.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
         self.method = create_method(config.method.name, config.method.options).to(device)
         unknown = set(self.train.groups) - set(self.method.groups())
@@ -283,7 +295,8 @@ class Trainer:
         the method returned a loss for (a GAN may skip a group on some steps: its update ratio).
         Returns the detached losses."""
         batch = _to_device(batch, self.device, self.dtype)
-        losses = self.method.training_step(batch, state or self.state())
+        with self._autocast():
+            losses = self.method.training_step(batch, state or self.state())
         if not self._all_finite(losses):
             message = (f"loss became NaN/inf at step {self.step} "
                        f"({', '.join(f'{g}={float(l):.4g}' for g, l in losses.items())}); stopped. The last "
@@ -302,6 +315,11 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(engine.module.parameters(), self.train.clip_grad, foreach=True)
             engine.step()
         return {group: losses[group].detach() for group in names}
+
+    def _autocast(self):
+        """bf16-mixed: convolutions and matrix products in bf16, reductions and losses in fp32 (torch's
+        autocast lists); the backward pass follows the forward's dtypes."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed")
 
     def _after_step(self) -> None:
         """Update the weight average: the EMA after every step, SWA at the end of every cycle (lowest LR)."""
@@ -340,6 +358,9 @@ class Trainer:
                              f"{f' + {train.swa.steps} SWA steps' if train.swa else ''} on {self.env.world_size} "
                              f"rank(s), {self.device.type}, {self.precision}; global batch {self.images_per_step} = "
                              f"{train.micro_batch} micro x {train.grad_accum} accumulation x {self.env.world_size} ranks")
+                if self.precision == "bf16-mixed" and self.device.type == "cpu" and not _native_cpu_bf16():
+                    self.log.log("warning: this CPU has neither AVX512-BF16 nor AMX, so bf16-mixed is emulated "
+                                 "and slower than fp32; set train.precision=fp32")
             self._prepare_statistics()
             self._running = {"batches": self._batches(), "last_checkpoint": time.time(), "tick": self._new_tick()}
         running = self._running
@@ -416,7 +437,9 @@ class Trainer:
             averaged = self.phase if self.phase == "swa" else "ema"
             model = self.average.module
             if self.phase == "swa" and self.train.swa.bn_batches:
-                _recompute_batchnorm(model, batches, self.train.swa.bn_batches, self.state(), self.device, self.dtype)
+                with self._autocast():  # the statistics of the activations training produced
+                    _recompute_batchnorm(model, batches, self.train.swa.bn_batches, self.state(), self.device,
+                                         self.dtype)
         if self.env.is_main:
             torch.save({"method": self.config.method.model_dump(), "state": model.state_dict(), "averaged": averaged},
                        self.run_dir / "final.pt")

@@ -104,3 +104,31 @@ def test_slide_benchmark_ingests_into_labelled_groups(tmp_path, sample_data):
     masks = [item["mask"] for item in stream]
     assert all(m.shape == (1, 128, 128) for m in masks)
     assert all(0.05 < m.float().mean() < 0.35 for m in masks)  # one disc of radius 0.15-0.3 tile per tile
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slab_cache_gives_the_planes_a_direct_read_gives(brain_store, axis):
+    """Slices through the decoded-slab cache equal direct plane reads of the store (images and masks),
+    here with a budget below one slab, so that slabs are evicted and read again."""
+    config = VolumeStreamConfig(splits=["test"], slice_axis=axis, slice_size=64, slab_cache_mb=1)
+    stream = SliceStream(brain_store, config, shuffle=False)
+    for item in list(stream)[::3]:
+        row = stream.volumes[stream.volumes["volume_id"] == item["volume_id"]].iloc[0]
+        direct = SliceStream(brain_store, config.model_copy(update={"slab_cache_mb": 0}), shuffle=False)
+        torch.testing.assert_close(item["image"][0], direct.read_slice(row, item["slice"]), rtol=0, atol=0)
+        torch.testing.assert_close(item["mask"][0].float(), direct.read_slice(row, item["slice"], "mask"),
+                                   rtol=0, atol=0)
+
+
+def test_slab_cache_evicts_the_least_recently_used(brain_store):
+    from data_plane.volume_stream import _Volumes
+
+    ids = list(SliceStream(brain_store, VolumeStreamConfig(splits=["train", "test"])).volumes.volume_id[:3])
+    probe = _Volumes(brain_store, slab_cache_mb=1024)
+    probe.plane(ids[0], "image", 0, 0)
+    slab_mb = probe.slab_bytes / 2**20  # the first slab along z of a volume; all are the same shape
+    volumes = _Volumes(brain_store, slab_cache_mb=2.5 * slab_mb)  # room for two slabs
+    for volume_id in (ids[0], ids[1], ids[0], ids[2]):  # ids[0] used again, so ids[1] is the oldest
+        volumes.plane(volume_id, "image", 0, 1)
+    assert [key[0] for key in volumes.slabs] == [ids[0], ids[2]]
+    assert volumes.slab_bytes == sum(slab.nbytes for slab in volumes.slabs.values()) <= 2.5 * slab_mb * 2**20

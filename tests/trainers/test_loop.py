@@ -34,11 +34,11 @@ def final_weights(run_dir):
     return torch.load(Path(run_dir) / "final.pt", weights_only=False)["state"]
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_two_process_deepspeed_training(sample_store, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage,precision", [(1, "fp32"), (2, "fp32"), (0, "bf16-mixed")])
+def test_two_process_deepspeed_training(sample_store, tmp_path, zero_stage, precision):
     run_dir = tmp_path / "run"
     done = run(train_command(sample_store, run_dir, "train.steps=12", "train.checkpoint_every=6",
-                             f"train.zero_stage={zero_stage}", "train.grad_accum=2"))
+                             f"train.zero_stage={zero_stage}", "train.grad_accum=2", f"train.precision={precision}"))
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10, 12]
@@ -48,7 +48,8 @@ def test_two_process_deepspeed_training(sample_store, tmp_path, zero_stage):
     assert 0 <= records[-1]["data_wait_share"] <= 1 and records[-1]["images_per_s"] > 0
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 12
     log = (run_dir / "log.txt").read_text()
-    assert "2 rank(s)" in log and "global batch 16" in log
+    assert "2 rank(s)" in log and "global batch 16" in log and f"cpu, {precision};" in log
+    assert all(w.dtype == torch.float32 for w in final_weights(run_dir).values() if w.is_floating_point())
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
