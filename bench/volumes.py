@@ -9,7 +9,9 @@ Volume: the real MNI152 T1 template at 1 mm (197 x 233 x 189, float32), as .nii.
   (b2) nibabel: the whole volume loaded once into memory, then sliced (fast, memory = volume),
   (c) MONAI: LoadImage + SpatialCrop per patch (what a Dataset without caching does).
 Each case runs in its own process; peak RSS is sampled (process and children). Then the peak RSS
-of streaming patches from a 512³ float32 volume.
+of streaming patches from a 512³ float32 volume. Last, 2D slices: one shuffled epoch of the axial
+slices of the 1 mm volume through SliceStream, with the decoded-slab cache (slab_cache_mb 1024) and
+without it (each plane read decodes the chunks it crosses), in slices/s and peak RSS.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # ahead of bench/, whose tune.py would hide the tune package
 
 
 def prepare(work: Path, big: bool) -> dict:
@@ -111,6 +113,23 @@ def stream_case(store: Path, volume_id: str, size: int, patches: int) -> dict:
             "peak_rss_mib": memory.mib(), "rss_before_mib": before}
 
 
+def slice_case(store: Path, volume_id: str, cache_mb: float) -> dict:
+    from data_plane.config import VolumeStreamConfig
+    from data_plane.volume_stream import SliceStream
+    from tiles import PeakRSS
+
+    from data_plane.volumes import volume_index
+
+    splits = sorted(set(volume_index(store)["split"]))
+    config = VolumeStreamConfig(splits=splits, ids=[volume_id], slice_axis=0, slice_size=192, min_foreground=0,
+                                slab_cache_mb=cache_mb)
+    stream = SliceStream(store, config)
+    memory = PeakRSS()
+    started = time.perf_counter()
+    count = sum(1 for _ in stream)
+    return {"slices_per_s": count / (time.perf_counter() - started), "slices": count, "peak_rss_mib": memory.mib()}
+
+
 def in_subprocess(args: list[str]) -> dict:
     done = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
@@ -130,6 +149,8 @@ def main() -> None:
         method, path, store, volume_id, size, origins = args.case
         if method == "stream":
             print(json.dumps(stream_case(Path(store), volume_id, int(size), int(origins))))
+        elif method == "slices":
+            print(json.dumps(slice_case(Path(store), volume_id, float(size))))
         else:
             print(json.dumps(run_case(method, Path(path), Path(store), volume_id, int(size),
                                       np.array(json.loads(origins)))))
@@ -157,6 +178,10 @@ def main() -> None:
         print(f"\nstreaming 96³ patches from a 512³ float32 volume (512 MiB) in one process: "
               f"{big['patches_per_s']:.0f} patches/s, peak RSS {big['peak_rss_mib']:.0f} MiB "
               f"({big['rss_before_mib']:.0f} MiB before the first patch: interpreter, torch, zarr)")
+    cached, direct = (in_subprocess(["slices", "", str(paths["store"]), "mni152", str(mb), "0"]) for mb in (1024, 0))
+    print(f"\naxial slices of the 1 mm volume, one shuffled epoch ({cached['slices']}), resized to 192²: "
+          f"slab cache {cached['slices_per_s']:.0f}/s (peak RSS {cached['peak_rss_mib']:.0f} MiB), direct plane reads "
+          f"{direct['slices_per_s']:.0f}/s ({direct['peak_rss_mib']:.0f} MiB): {cached['slices_per_s'] / direct['slices_per_s']:.1f}x")
 
 
 if __name__ == "__main__":
