@@ -45,10 +45,12 @@ def _curves(image_scores: np.ndarray, targets: np.ndarray, groups: np.ndarray, o
     selections.update({g: normal | (groups == g) for g in sorted(set(groups[targets == 1]))})
     for kind in ("roc", "pr"):
         fig, ax = plt.subplots(figsize=(5.5, 5), dpi=110)
+        drawn = 0
         for name, chosen in selections.items():
             y, s = targets[chosen], image_scores[chosen]
             if len(set(y.tolist())) < 2:
                 continue
+            drawn += 1
             if kind == "roc":
                 fpr, tpr, _ = roc_curve(y, s)
                 ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})", lw=2 if name == "all" else 1)
@@ -61,7 +63,11 @@ def _curves(image_scores: np.ndarray, targets: np.ndarray, groups: np.ndarray, o
             ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, image level")
         else:
             ax.set(xlabel="recall", ylabel="precision", title="precision-recall, image level")
-        ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+        if drawn:
+            ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+        else:  # a split of one class (e.g. only anomalies) has no curve; say so rather than show empty axes
+            ax.text(0.5, 0.5, "no curve: the split needs both\nnormal and anomalous items", ha="center",
+                    va="center", transform=ax.transAxes)
         fig.tight_layout()
         fig.savefig(out / f"{kind}.png")
         plt.close(fig)
