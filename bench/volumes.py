@@ -116,9 +116,8 @@ def stream_case(store: Path, volume_id: str, size: int, patches: int) -> dict:
 def slice_case(store: Path, volume_id: str, cache_mb: float) -> dict:
     from data_plane.config import VolumeStreamConfig
     from data_plane.volume_stream import SliceStream
-    from tiles import PeakRSS
-
     from data_plane.volumes import volume_index
+    from tiles import PeakRSS
 
     splits = sorted(set(volume_index(store)["split"]))
     config = VolumeStreamConfig(splits=splits, ids=[volume_id], slice_axis=0, slice_size=192, min_foreground=0,
