@@ -7,6 +7,11 @@ counts, so no case's voxels are kept: memory grows with the number of distinct s
 results equal scikit-learn's on the flattened arrays.
 
 Per group (e.g. outlier kind): that group's anomalous cases together with all normal cases.
+
+Image AUROC comes with a stratified bootstrap interval (normals and anomalies resampled separately,
+2000 times, percentiles): with the handful of anomalies per kind a benchmark has, an AUROC of 0.6 can
+be chance, and the interval says so. ``paired_auroc_difference`` compares two scorings of the same
+cases on the same resamples (`tessera compare`).
 """
 
 from __future__ import annotations
@@ -84,11 +89,73 @@ class ScoreTable:
         return float(dice[best]), float(thresholds[best])
 
 
+def bootstrap_aurocs(normal: list, anomalous: list, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """AUROC of each of R scorings of the same cases on ``resamples`` stratified bootstrap resamples:
+    (R, resamples). ``normal[r]`` and ``anomalous[r]`` are scoring r's scores of the normal and the
+    anomalous cases, in the same case order for every r, so row differences are paired.
+
+    A resample is a count per case (multinomial); the AUROC of a resample is the Mann-Whitney
+    statistic with those counts as weights (ties count one half), from sorted scores and cumulative
+    counts: O(n log n) per scoring, not the n_normal x n_anomalous matrix, so tile-level cases fit."""
+    normal = [np.asarray(n, np.float64) for n in normal]
+    anomalous = [np.asarray(a, np.float64) for a in anomalous]
+    n0, n1 = len(normal[0]), len(anomalous[0])
+    if n0 == 0 or n1 == 0:
+        return np.full((len(normal), resamples), np.nan)
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(normal), resamples))
+    chunk = max(1, int(4e6 // (n0 + n1)))  # bounds the (chunk, n) count arrays to ~32 MB each
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        weights0 = rng.multinomial(n0, np.full(n0, 1 / n0), size=size).astype(np.float64)
+        weights1 = rng.multinomial(n1, np.full(n1, 1 / n1), size=size).astype(np.float64)
+        for r, (scores0, scores1) in enumerate(zip(normal, anomalous)):
+            out[r, start:start + size] = weighted_auroc(scores0, scores1, weights0, weights1)
+    return out
+
+
+def weighted_auroc(normal: np.ndarray, anomalous: np.ndarray, normal_weights: np.ndarray,
+                   anomalous_weights: np.ndarray) -> np.ndarray:
+    """AUROC with a weight per case, for each row of the (B, n) weight arrays: the weighted share of
+    (normal, anomalous) pairs ranked right, ties counting one half."""
+    order = np.argsort(normal, kind="stable")
+    ranked = normal[order]
+    cumulative = np.cumsum(normal_weights[:, order], axis=1)
+    cumulative = np.concatenate([np.zeros((len(cumulative), 1)), cumulative], axis=1)
+    below = cumulative[:, np.searchsorted(ranked, anomalous, side="left")]
+    up_to = cumulative[:, np.searchsorted(ranked, anomalous, side="right")]
+    pairs = normal_weights.sum(axis=1) * anomalous_weights.sum(axis=1)
+    return ((below + up_to) / 2 * anomalous_weights).sum(axis=1) / pairs
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
+    """The central ``level`` percentile interval of bootstrap values."""
+    tail = (1 - level) / 2 * 100
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+
+
+def paired_auroc_difference(normal_a, anomalous_a, normal_b, anomalous_b, resamples: int = 2000,
+                            level: float = 0.95, seed: int = 0) -> dict:
+    """AUROC of scoring A minus that of scoring B on the same cases (same order), with the paired
+    bootstrap interval of the difference and the share of resamples in which A is ahead."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.r_[np.zeros(len(normal_a)), np.ones(len(anomalous_a))]
+    a = float(roc_auc_score(labels, np.r_[normal_a, anomalous_a]))
+    b = float(roc_auc_score(labels, np.r_[normal_b, anomalous_b]))
+    boot = bootstrap_aurocs([normal_a, normal_b], [anomalous_a, anomalous_b], resamples, seed)
+    difference = boot[0] - boot[1]
+    return {"auroc_a": a, "auroc_a_ci": interval(boot[0], level), "auroc_b": b, "auroc_b_ci": interval(boot[1], level),
+            "difference": a - b, "difference_ci": interval(difference, level),
+            "a_ahead": float((difference > 0).mean()), "tied": float((difference == 0).mean())}
+
+
 @dataclass
 class _Case:
     score: float
     label: int
     group: str
+    case_id: str = ""
 
 
 @dataclass
@@ -97,14 +164,17 @@ class AnomalyMetrics:
 
     clip: bool = True                  # clip pixel scores to [0, 1] as MOOD does
     bins: int | None = None            # round pixel scores to this many levels to bound memory; None = exact
+    resamples: int = 2000              # bootstrap resamples of the image AUROC interval (0: no interval)
+    level: float = 0.95                # coverage of that interval
     cases: list[_Case] = field(default_factory=list)
     _pixels: dict[str, ScoreTable] = field(default_factory=dict)
 
-    def add(self, score: float, label: int, group: str = "", pixel_scores=None, pixel_labels=None) -> None:
-        """One case. Normal cases (label 0) count in every group's metrics."""
+    def add(self, score: float, label: int, group: str = "", pixel_scores=None, pixel_labels=None,
+            case_id: str = "") -> None:
+        """One case (``case_id`` names it in scores.csv). Normal cases (label 0) count in every group."""
         label = int(label)
         group = group if label else "normal"
-        self.cases.append(_Case(float(score), label, group))
+        self.cases.append(_Case(float(score), label, group, str(case_id)))
         if pixel_scores is not None:
             scores = np.asarray(pixel_scores, np.float64)
             scores = np.clip(scores, 0, 1) if self.clip else scores
@@ -121,7 +191,8 @@ class AnomalyMetrics:
     def _summary(self, groups: set[str]) -> dict:
         from sklearn.metrics import average_precision_score, roc_auc_score
 
-        chosen = [c for c in self.cases if c.group in groups]
+        # In id order, so the bootstrap resamples the same cases however ranks shared them out.
+        chosen = sorted((c for c in self.cases if c.group in groups), key=lambda c: c.case_id)
         labels = np.array([c.label for c in chosen])
         scores = np.array([c.score for c in chosen])
         both = len(set(labels.tolist())) == 2
@@ -130,6 +201,9 @@ class AnomalyMetrics:
             "image_auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
             "image_ap": float(average_precision_score(labels, scores)) if both else float("nan"),
         }
+        if both and self.resamples:
+            boot = bootstrap_aurocs([scores[labels == 0]], [scores[labels == 1]], self.resamples)[0]
+            out["image_auroc_low"], out["image_auroc_high"] = interval(boot, self.level)
         tables = [self._pixels[g] for g in groups if g in self._pixels]
         if tables:
             table = tables[0]

@@ -215,11 +215,46 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         except (FileNotFoundError, NotImplementedError, ValueError) as exc:
             _fail(str(exc))
     overall = result["overall"]
-    typer.echo(f"image AUROC {overall['image_auroc']:.3f}, AP {overall['image_ap']:.3f} "
+    typer.echo(f"image AUROC {overall['image_auroc']:.3f}"
+               + (f" [{overall['image_auroc_low']:.2f}, {overall['image_auroc_high']:.2f}]"
+                  if "image_auroc_low" in overall else "") + f", AP {overall['image_ap']:.3f} "
                f"({overall['n_normal']} normal, {overall['n_anomalous']} anomalous)"
                + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {overall['pixel_ap']:.3f}, DICE {overall['dice']:.3f}"
                   if "pixel_ap" in overall else "")
                + f" -> {run_dir / f'eval-{split}'}/index.html")
+
+
+@app.command()
+def compare(a: Path = typer.Argument(..., help="Run directory (or evaluation folder) A."),
+            b: Path = typer.Argument(..., help="Run directory (or evaluation folder) B, evaluated on the same items."),
+            split: str = typer.Option("test", help="The split both were evaluated on (RUN_DIR/eval-SPLIT)."),
+            out: Optional[Path] = typer.Option(None, help="Output folder; default A's eval folder/compare-<B>."),
+            resamples: int = typer.Option(2000, min=100, help="Paired bootstrap resamples."),
+            level: float = typer.Option(0.95, min=0.5, max=0.999, help="Coverage of the intervals.")) -> None:
+    """Is A better than B? Image AUROC per group with paired bootstrap intervals: compare.json, compare.png."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from trainers.evaluate import compare_evals
+
+    try:
+        result = compare_evals(a, b, split, out, resamples, level)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"image AUROC: A = {result['name_a']}, B = {result['name_b']} "
+                        f"({level:.0%} intervals, {resamples} paired bootstrap resamples)")
+    for column in ("group", "normal", "anomalous", "A", "B", "A − B", "A ahead"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for name, row in result["groups"].items():
+        low, high = row["difference_ci"]
+        verdict = "green" if low > 0 else "red" if high < 0 else "default"
+        table.add_row(name, str(row["n_normal"]), str(row["n_anomalous"]),
+                      "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_a"], *row["auroc_a_ci"]),
+                      "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_b"], *row["auroc_b_ci"]),
+                      f"[{verdict}]{row['difference']:+.3f} [{low:+.2f}, {high:+.2f}][/]", f"{row['a_ahead']:.0%}")
+    console = Console()
+    console.print(table)
+    console.print(f"an interval across 0 makes no call; -> {result['out']}/compare.png", highlight=False)
 
 
 @app.command()

@@ -1,9 +1,11 @@
 """Evaluation: score a split with a trained method, write metrics, curves, heatmaps and a page.
 
-``<run_dir>/eval-<split>/`` receives ``metrics.json`` (image AUROC/AP, and pixel AUROC/AP and DICE
-where masks exist; overall and per group), ``roc.png`` / ``pr.png``, one heatmap overlay per slide
-under ``heatmaps/`` (the stitched scores are also stored in the store, ``slides/<id>/heatmaps/<run>``),
-and ``index.html`` showing them together.
+``<run_dir>/eval-<split>/`` receives ``metrics.json`` (image AUROC with its bootstrap interval, AP,
+and pixel AUROC/AP and DICE where masks exist; overall and per group), ``scores.csv`` (one row per
+scored item: id, label, group, score), ``roc.png`` / ``pr.png``, one heatmap overlay per slide under
+``heatmaps/`` (the stitched scores are also stored in the store, ``slides/<id>/heatmaps/<run>``), and
+``index.html`` showing them together. ``compare_evals`` sets two evaluations of the same items side
+by side (`tessera compare`).
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ def _curves(image_scores: np.ndarray, targets: np.ndarray, groups: np.ndarray, o
 
 def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
     def row(name, values):
+        low, high = values.get("image_auroc_low", float("nan")), values.get("image_auroc_high", float("nan"))
         cells = "".join(f"<td>{values.get(k, float('nan')):.3f}</td>" for k in
                         ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "dice"))
+        cells = cells.replace("</td>", f" <small>[{low:.2f}, {high:.2f}]</small></td>", 1)
         return f"<tr><td>{html.escape(name)}</td><td>{values['n_normal']}</td><td>{values['n_anomalous']}</td>{cells}</tr>"
 
     rows = [row("overall", metrics["overall"])] + [row(g, v) for g, v in metrics["groups"].items()]
@@ -87,7 +91,7 @@ def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
 figure{{display:inline-block;margin:6px}}</style>
 <h1>Evaluation of {html.escape(run_dir.name)}</h1>
 {''.join(f"<p>{html.escape(k)}: {html.escape(str(v))}</p>" for k, v in metrics.get("settings", {}).items())}
-<table><tr><th>group</th><th>normal</th><th>anomalous</th><th>image AUROC</th><th>image AP</th>
+<table><tr><th>group</th><th>normal</th><th>anomalous</th><th>image AUROC [95% bootstrap]</th><th>image AP</th>
 <th>pixel AUROC</th><th>pixel AP</th><th>DICE</th></tr>{''.join(rows)}</table>
 <p><img src="roc.png" width="420"> <img src="pr.png" width="420"></p>
 <h2>Heatmaps</h2>{images or '<p>none</p>'}
@@ -115,6 +119,19 @@ def _on(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _write_scores(path: Path, metrics: AnomalyMetrics) -> None:
+    """One row per scored item, sorted by id: what `tessera compare` pairs two evaluations by."""
+    import csv
+
+    partial = path.with_suffix(".partial.csv")
+    with open(partial, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "label", "group", "score"])
+        for case in sorted(metrics.cases, key=lambda c: c.case_id):
+            writer.writerow([case.case_id, case.label, case.group, repr(case.score)])
+    partial.replace(path)
+
+
 def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None = None) -> dict:
     """Merge the ranks' shares and write metrics.json (with the eval ``settings`` that shaped the
     scores), the curves and index.html."""
@@ -126,6 +143,7 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
     if settings:
         result["settings"] = settings
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    _write_scores(out / "scores.csv", metrics)
     _curves(np.array([c.score for c in metrics.cases]), np.array([c.label for c in metrics.cases]),
             np.array([c.group for c in metrics.cases]), out)
     _page(out, run_dir, result, sorted(names))
@@ -195,7 +213,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
                 has_mask = bool(batch["has_mask"][i]) if "has_mask" in batch else False
                 metrics.add(float(scores[i]), target, batch["group"][i],
                             maps[i, 0].numpy() if maps is not None and has_mask else None,
-                            batch["mask"][i, 0].numpy() if has_mask else None)
+                            batch["mask"][i, 0].numpy() if has_mask else None,
+                            case_id="{}@{},{}".format(slide, *batch["level0_yx"][i].tolist()))
         for slide, entries in per_slide.items():
             rows = stream.tiles.iloc[[e[2] for e in entries]]
             footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
@@ -206,6 +225,108 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             names.append(f"{slide}.png")
     parts = _gather(env, (metrics, names))
     return _write_outputs(out, run_dir, parts) if parts is not None else None
+
+
+def _eval_folder(path: Path, split: str) -> Path:
+    """An evaluation folder (with scores.csv), given it or the run directory it belongs to."""
+    path = Path(path)
+    for folder in (path, path / f"eval-{split}"):
+        if (folder / "scores.csv").is_file():
+            return folder
+    for folder in (path, path / f"eval-{split}"):
+        if (folder / "metrics.json").is_file():
+            run = folder.parent if folder.name.startswith("eval-") else folder
+            raise FileNotFoundError(f"'{folder}' has metrics but no scores.csv (an evaluation by an older tessera): "
+                                    f"run `tessera eval {run} --split {split}` again")
+    raise FileNotFoundError(f"'{path}' is neither an evaluation folder nor a run directory with an eval-{split}/ "
+                            f"folder: run `tessera eval {path} --split {split}` first")
+
+
+def _read_scores(folder: Path) -> dict[str, tuple[int, str, float]]:
+    import csv
+
+    with open(folder / "scores.csv", newline="") as f:
+        return {row["id"]: (int(row["label"]), row["group"], float(row["score"])) for row in csv.DictReader(f)}
+
+
+def _run_name(folder: Path) -> str:
+    return folder.parent.name if folder.name.startswith("eval-") else folder.name
+
+
+def compare_evals(a: str | Path, b: str | Path, split: str = "test", out: str | Path | None = None,
+                  resamples: int = 2000, level: float = 0.95) -> dict:
+    """Image AUROC of evaluation A against B on the same items, overall and per group, with paired
+    bootstrap intervals of the difference (core.metrics.paired_auroc_difference). Writes
+    ``compare.json`` and a forest plot ``compare.png`` into ``out`` (default
+    A's evaluation folder / compare-<B's run>) and returns what it wrote."""
+    from core.metrics import paired_auroc_difference
+
+    folder_a, folder_b = _eval_folder(a, split), _eval_folder(b, split)
+    scores_a, scores_b = _read_scores(folder_a), _read_scores(folder_b)
+    only_a, only_b = sorted(set(scores_a) - set(scores_b)), sorted(set(scores_b) - set(scores_a))
+    if only_a or only_b:
+        raise ValueError(f"'{folder_a}' and '{folder_b}' scored different items ({len(only_a)} only in the first, "
+                         f"e.g. {only_a[:3]}; {len(only_b)} only in the second, e.g. {only_b[:3]}): compare "
+                         "evaluations of the same split of the same store")
+    if not scores_a:
+        raise ValueError(f"'{folder_a / 'scores.csv'}' lists no scored item")
+    differing = [i for i in scores_a if scores_a[i][:2] != scores_b[i][:2]]
+    if differing:
+        raise ValueError(f"the two evaluations disagree on the label or group of {len(differing)} items "
+                         f"(e.g. '{differing[0]}': {scores_a[differing[0]][:2]} against {scores_b[differing[0]][:2]}): "
+                         "were they made from different stores?")
+    ids = sorted(scores_a)
+    label = np.array([scores_a[i][0] for i in ids])
+    group = np.array([scores_a[i][1] for i in ids])
+    value_a = np.array([scores_a[i][2] for i in ids])
+    value_b = np.array([scores_b[i][2] for i in ids])
+    normal = label == 0
+    selections = {"overall": label == 1}
+    selections.update({g: (label == 1) & (group == g) for g in sorted(set(group[label == 1]))})
+    rows = {}
+    for name, anomalous in selections.items():
+        if not normal.any() or not anomalous.any():
+            continue
+        rows[name] = {"n_normal": int(normal.sum()), "n_anomalous": int(anomalous.sum()),
+                      **paired_auroc_difference(value_a[normal], value_a[anomalous], value_b[normal],
+                                                value_b[anomalous], resamples, level)}
+    if not rows:
+        raise ValueError(f"'{folder_a / 'scores.csv'}' needs both normal and anomalous items to compare AUROCs")
+    name_a, name_b = _run_name(folder_a), _run_name(folder_b)
+    out = Path(out) if out else folder_a / f"compare-{name_b}"
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"a": str(folder_a), "b": str(folder_b), "name_a": name_a, "name_b": name_b, "resamples": resamples,
+              "level": level, "groups": rows}
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    _forest_plot(result, out / "compare.png")
+    result["out"] = str(out)
+    return result
+
+
+def _forest_plot(result: dict, path: Path) -> None:
+    """The AUROC difference per group with its interval: left of 0, B is better; a bar across 0, no call."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["groups"])[::-1]
+    rows = [result["groups"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.4), dpi=110)
+    for y, row in enumerate(rows):
+        low, high = row["difference_ci"]
+        colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
+        ax.plot([low, high], [y, y], color=colour, lw=2)
+        ax.plot(row["difference"], y, "o", color=colour)
+        ax.annotate(f"{row['auroc_a']:.3f} vs {row['auroc_b']:.3f}  (n={row['n_anomalous']})", (1.02, y),
+                    xycoords=("axes fraction", "data"), va="center", fontsize=8)
+    ax.axvline(0, color="black", lw=0.8, ls="--")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel(f"image AUROC {result['name_a']} − {result['name_b']}  ({result['level']:.0%} paired bootstrap)")
+    fig.tight_layout()
+    fig.subplots_adjust(right=0.72)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 EXPORT_FORMAT = "tessera-export-1"
@@ -463,7 +584,8 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             if target < 0:
                 continue
             mask = zarr.open_array(str(root / "volumes" / volume_id / "mask"), mode="r")[:] if row.has_mask else None
-            metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask)
+            metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask,
+                        case_id=volume_id)
             if target == 1:
                 names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
     parts = _gather(env, (metrics, names))

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from core.metrics import AnomalyMetrics, ScoreTable
+from core.metrics import (AnomalyMetrics, ScoreTable, bootstrap_aurocs, paired_auroc_difference,
+                          weighted_auroc)
 
 
 def cases(seed=0, n=6, shape=(8, 9, 10)):
@@ -69,3 +70,64 @@ def test_image_metrics_and_groups():
     assert 0.6 < result["overall"]["image_auroc"] < 1.0
     assert result["overall"]["n_normal"] == 3 and result["overall"]["n_anomalous"] == 4
     assert "pixel_ap" not in result["overall"]
+
+
+def test_weighted_auroc_equals_sklearn_with_sample_weights():
+    rng = np.random.default_rng(3)
+    normal, anomalous = np.round(rng.normal(0, 1, 25), 1), np.round(rng.normal(0.7, 1, 15), 1)  # with ties
+    weights0, weights1 = rng.integers(0, 4, (5, 25)).astype(float), rng.integers(1, 4, (5, 15)).astype(float)
+    got = weighted_auroc(normal, anomalous, weights0, weights1)
+    labels = np.r_[np.zeros(25), np.ones(15)]
+    for row in range(5):
+        expected = roc_auc_score(labels, np.r_[normal, anomalous], sample_weight=np.r_[weights0[row], weights1[row]])
+        assert got[row] == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_interval_covers_the_estimate_and_narrows_with_more_cases():
+    rng = np.random.default_rng(0)
+
+    def width_and_estimate(n):
+        normal, anomalous = rng.normal(0, 1, n), rng.normal(1, 1, n)
+        boot = bootstrap_aurocs([normal], [anomalous], 2000)[0]
+        estimate = roc_auc_score(np.r_[np.zeros(n), np.ones(n)], np.r_[normal, anomalous])
+        low, high = np.percentile(boot, [2.5, 97.5])
+        assert low < estimate < high
+        return high - low
+
+    assert width_and_estimate(200) < 0.5 * width_and_estimate(12)
+    # Perfectly separated in every resample: the interval is the point.
+    assert set(bootstrap_aurocs([np.arange(5.0)], [np.arange(10.0, 16)], 300)[0]) == {1.0}
+
+
+def test_auroc_interval_in_metrics_and_independent_of_case_order():
+    rng = np.random.default_rng(1)
+    rows = [(f"case{i:02d}", float(rng.normal(i % 2)), i % 2) for i in range(30)]
+    results = []
+    for order in (rows, rows[::-1]):  # e.g. two ranks' shares gathered in another order
+        metrics = AnomalyMetrics()
+        for case_id, score, label in order:
+            metrics.add(score, label, "kind", case_id=case_id)
+        results.append(metrics.compute()["overall"])
+    first = results[0]
+    assert first["image_auroc_low"] < first["image_auroc"] < first["image_auroc_high"]
+    assert results[0] == results[1]
+    plain = AnomalyMetrics(resamples=0)
+    for case_id, score, label in rows:
+        plain.add(score, label, "kind", case_id=case_id)
+    assert "image_auroc_low" not in plain.compute()["overall"]
+
+
+def test_paired_difference_sees_a_real_gain_and_no_gain_in_a_tie():
+    rng = np.random.default_rng(2)
+    normal, anomalous = rng.normal(0, 1, 40), rng.normal(0.5, 1, 40)
+    same = paired_auroc_difference(normal, anomalous, normal, anomalous, 500)
+    assert same["difference"] == 0 and same["difference_ci"] == [0.0, 0.0] and same["tied"] == 1.0
+    # A = B plus a signal on the anomalies: better on every resample.
+    better = paired_auroc_difference(normal, anomalous + 1.0, normal, anomalous, 500)
+    assert better["difference_ci"][0] > 0 and better["a_ahead"] > 0.99
+    # Two scorings that are equally noisy views of the same cases: the interval spans 0.
+    noisy_a = paired_auroc_difference(normal + rng.normal(0, 1, 40), anomalous + rng.normal(0, 1, 40),
+                                      normal + rng.normal(0, 1, 40), anomalous + rng.normal(0, 1, 40), 1000)
+    low, high = noisy_a["difference_ci"]
+    assert low < 0 < high
+    assert low < noisy_a["auroc_a"] - noisy_a["auroc_b"] < high

@@ -54,6 +54,59 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
     assert "test_normal.png" in heatmaps and len(heatmaps) == 2 + len(SLIDE_GROUPS) - 1  # no train slide
     assert "image AUROC" in (out / "index.html").read_text()
     assert (store / "slides" / "test_normal" / "heatmaps" / run_dir.name / "zarr.json").is_file()
+    assert overall["image_auroc_low"] <= overall["image_auroc"] <= overall["image_auroc_high"]
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len({r["id"] for r in rows}) == overall["n_normal"] + overall["n_anomalous"]
+    assert sum(r["label"] == "1" for r in rows) == overall["n_anomalous"]
+
+
+def test_compare_pairs_two_evaluations_of_the_same_items(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from tessera.cli import app
+    from trainers.evaluate import evaluate
+
+    run_dir, _, _ = trained
+    evaluate(run_dir, split="test", workers=0, show_progress=False)
+    with open(run_dir / "eval-test" / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def other_eval(name, rows):
+        folder = tmp_path / name / "eval-test"
+        folder.mkdir(parents=True)
+        with open(folder / "scores.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return folder.parent
+
+    # B ranks every anomaly below every normal: A is never behind, and ahead by its own AUROC.
+    worse = other_eval("worse", [{**r, "score": -10.0} if r["label"] == "1" else r for r in rows])
+    runner = CliRunner()
+    done = runner.invoke(app, ["compare", str(run_dir), str(worse), "--resamples", "300", "--out", str(tmp_path / "c")])
+    assert done.exit_code == 0, done.output
+    result = json.loads((tmp_path / "c" / "compare.json").read_text())
+    metrics = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
+    assert set(result["groups"]) == {"overall"} | set(metrics["groups"])
+    for name, row in result["groups"].items():
+        expected = metrics["overall"] if name == "overall" else metrics["groups"][name]
+        assert row["auroc_a"] == pytest.approx(expected["image_auroc"]) and row["auroc_b"] == 0.0
+        assert row["difference_ci"][0] >= 0 and row["a_ahead"] + row["tied"] == 1.0
+        assert row["difference"] == pytest.approx(row["auroc_a"])
+    assert result["groups"]["overall"]["difference_ci"][0] > 0
+    assert (tmp_path / "c" / "compare.png").stat().st_size > 1000
+    # Against itself: no difference on any resample.
+    done = runner.invoke(app, ["compare", str(run_dir), str(run_dir), "--resamples", "200"])
+    assert done.exit_code == 0, done.output
+    itself = json.loads((run_dir / "eval-test" / f"compare-{run_dir.name}" / "compare.json").read_text())
+    assert all(row["difference_ci"] == [0.0, 0.0] for row in itself["groups"].values())
+    # Different items, or a run never evaluated: told what and where, exit 2.
+    fewer = other_eval("fewer", rows[1:])
+    done = runner.invoke(app, ["compare", str(run_dir), str(fewer)])
+    assert done.exit_code == 2 and "scored different items" in done.output and rows[0]["id"] in done.output
+    done = runner.invoke(app, ["compare", str(run_dir), str(tmp_path / "never")])
+    assert done.exit_code == 2 and "tessera eval" in done.output
 
 
 def test_eval_on_two_ranks_gives_the_same_metrics(trained):
