@@ -15,6 +15,28 @@ def _on(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def leave_one_out_baseline(maps: dict[str, np.ndarray], normals: list[str], fold: int = 0) -> dict[str, np.ndarray]:
+    """Tune's stand-in for ``data.volume_stream.normal_baseline``: each smoothed score map minus the
+    mean map of the fold's held-out normals, leaving out the map itself (a normal's own false
+    positives would cancel). Evaluation takes the mean over a split's normals instead; scoring all of
+    them for every trial would cost more than the trial's training. Maps are replaced in place."""
+    from trainers.evaluate import _check_baseline_shape
+
+    if len(normals) < 2:
+        raise ValueError(f"data.volume_stream.normal_baseline: tune's validation subtracts the mean score map of "
+                         f"the other held-out normals, and fold {fold} holds out {len(normals)}; use fewer folds "
+                         "or set normal_baseline: null for the search")
+    shape = maps[normals[0]].shape
+    for v, volume in maps.items():
+        _check_baseline_shape(v, volume.shape, shape, f"fold {fold}")
+    total = sum(maps[v].astype(np.float64) for v in normals)
+    held = set(normals)
+    for v in list(maps):
+        others = (total - maps[v]) / (len(normals) - 1) if v in held else total / len(normals)
+        maps[v] = maps[v] - others.astype(np.float32)
+    return maps
+
+
 @torch.no_grad()
 def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), batch_size: int = 32,
              loss_batches: int = 8) -> dict:
@@ -54,7 +76,11 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
         reduce = getattr(method, "sample_score", volume_score)
         items = list(voxels)
         labels = [1 if v in anomalies else 0 for v in items]
-        scores = [reduce(smooth_scores(voxels[v], stream_config.score_smoothing)) for v in items]
+        for v in items:
+            voxels[v] = smooth_scores(voxels[v], stream_config.score_smoothing)
+        if stream_config.normal_baseline:
+            voxels = leave_one_out_baseline(voxels, [v for v in items if v not in anomalies], k)
+        scores = [reduce(voxels[v]) for v in items]
         normal_stream = SliceStream(config.data.store, config.data.volume_stream.model_copy(update={
             "splits": ["train"], "ids": sorted(held), "labels": None, "groups": None}), shuffle=False)
     losses = []

@@ -34,7 +34,8 @@ def brain_store(tmp_path_factory):
 def recipe(tmp_path, store, **tune):
     tree = {"name": "search", "seed": 0,
             # relative to where tessera runs, as users write it: trials run in their own directories
-            "data": {"store": os.path.relpath(store, ROOT), "volume_stream": {"slice_size": 32, "min_foreground": 0.05}},
+            "data": {"store": os.path.relpath(store, ROOT),
+                     "volume_stream": {"slice_size": 32, "min_foreground": 0.05, "normal_baseline": "train"}},
             "method": {"name": "reference_ae", "options": {"in_channels": 1, "width": 4, "depth": 2, "bottleneck": 4}},
             "train": {"data": "slices", "steps": 8, "micro_batch": 8, "num_workers": 0, "log_every": 4},
             "tune": {"space": {"method.options.width": {"type": "grid", "values": [4, 8]},
