@@ -137,16 +137,23 @@ def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
 def paired_auroc_difference(normal_a, anomalous_a, normal_b, anomalous_b, resamples: int = 2000,
                             level: float = 0.95, seed: int = 0) -> dict:
     """AUROC of scoring A minus that of scoring B on the same cases (same order), with the paired
-    bootstrap interval of the difference and the share of resamples in which A is ahead."""
+    bootstrap interval of the difference and the share of resamples in which A is ahead.
+
+    A side may hold several scorings of the cases (rows of 2D arrays, e.g. one run per training
+    seed): its AUROC is then the mean of theirs, on every resample too. The interval then covers the
+    sampling of the cases with the seeds' results averaged; the seeds themselves are not resampled."""
     from sklearn.metrics import roc_auc_score
 
-    labels = np.r_[np.zeros(len(normal_a)), np.ones(len(anomalous_a))]
-    a = float(roc_auc_score(labels, np.r_[normal_a, anomalous_a]))
-    b = float(roc_auc_score(labels, np.r_[normal_b, anomalous_b]))
-    boot = bootstrap_aurocs([normal_a, normal_b], [anomalous_a, anomalous_b], resamples, seed)
-    difference = boot[0] - boot[1]
-    return {"auroc_a": a, "auroc_a_ci": interval(boot[0], level), "auroc_b": b, "auroc_b_ci": interval(boot[1], level),
-            "difference": a - b, "difference_ci": interval(difference, level),
+    sides = [(np.atleast_2d(np.asarray(n, np.float64)), np.atleast_2d(np.asarray(a, np.float64)))
+             for n, a in ((normal_a, anomalous_a), (normal_b, anomalous_b))]
+    labels = np.r_[np.zeros(sides[0][0].shape[1]), np.ones(sides[0][1].shape[1])]
+    runs = [[float(roc_auc_score(labels, np.r_[n, a])) for n, a in zip(*side)] for side in sides]
+    boot = bootstrap_aurocs([*sides[0][0], *sides[1][0]], [*sides[0][1], *sides[1][1]], resamples, seed)
+    boot_a, boot_b = boot[:len(runs[0])].mean(axis=0), boot[len(runs[0]):].mean(axis=0)
+    a, b = float(np.mean(runs[0])), float(np.mean(runs[1]))
+    difference = boot_a - boot_b
+    return {"auroc_a": a, "auroc_a_ci": interval(boot_a, level), "auroc_b": b, "auroc_b_ci": interval(boot_b, level),
+            "runs_a": runs[0], "runs_b": runs[1], "difference": a - b, "difference_ci": interval(difference, level),
             "a_ahead": float((difference > 0).mean()), "tied": float((difference == 0).mean())}
 
 

@@ -225,8 +225,10 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
 
 
 @app.command()
-def compare(a: Path = typer.Argument(..., help="Run directory (or evaluation folder) A."),
-            b: Path = typer.Argument(..., help="Run directory (or evaluation folder) B, evaluated on the same items."),
+def compare(a: str = typer.Argument(..., help="Run directory (or evaluation folder) A; several, comma-separated "
+                                        "(e.g. one per seed), are averaged."),
+            b: str = typer.Argument(..., help="Run directory (or evaluation folder) B, evaluated on the same items; "
+                                        "comma-separated like A."),
             split: str = typer.Option("test", help="The split both were evaluated on (RUN_DIR/eval-SPLIT)."),
             out: Optional[Path] = typer.Option(None, help="Output folder; default A's eval folder/compare-<B>."),
             resamples: int = typer.Option(2000, min=100, help="Paired bootstrap resamples."),
@@ -238,22 +240,30 @@ def compare(a: Path = typer.Argument(..., help="Run directory (or evaluation fol
     from trainers.evaluate import compare_evals
 
     try:
-        result = compare_evals(a, b, split, out, resamples, level)
+        result = compare_evals([p for p in a.split(",") if p], [p for p in b.split(",") if p], split, out,
+                               resamples, level)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     table = Table(title=f"image AUROC: A = {result['name_a']}, B = {result['name_b']} "
                         f"({level:.0%} intervals, {resamples} paired bootstrap resamples)")
-    for column in ("group", "normal", "anomalous", "A", "B", "A − B", "A ahead"):
+    several = len(result["a"]) > 1 or len(result["b"]) > 1
+    columns = ["group", "normal", "anomalous", "A", "B", "A − B", "A ahead"] + (["A runs", "B runs"] if several else [])
+    for column in columns:
         table.add_column(column, justify="left" if column == "group" else "right")
     for name, row in result["groups"].items():
         low, high = row["difference_ci"]
         verdict = "green" if low > 0 else "red" if high < 0 else "default"
-        table.add_row(name, str(row["n_normal"]), str(row["n_anomalous"]),
-                      "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_a"], *row["auroc_a_ci"]),
-                      "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_b"], *row["auroc_b_ci"]),
-                      f"[{verdict}]{row['difference']:+.3f} [{low:+.2f}, {high:+.2f}][/]", f"{row['a_ahead']:.0%}")
+        cells = [name, str(row["n_normal"]), str(row["n_anomalous"]),
+                 "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_a"], *row["auroc_a_ci"]),
+                 "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_b"], *row["auroc_b_ci"]),
+                 f"[{verdict}]{row['difference']:+.3f} [{low:+.2f}, {high:+.2f}][/]", f"{row['a_ahead']:.0%}"]
+        if several:
+            cells += [" ".join(f"{v:.2f}" for v in row["runs_a"]), " ".join(f"{v:.2f}" for v in row["runs_b"])]
+        table.add_row(*cells)
     console = Console()
     console.print(table)
+    if several:
+        console.print(f"A: {', '.join(result['a'])}\nB: {', '.join(result['b'])}", highlight=False)
     console.print(f"an interval across 0 makes no call; -> {result['out']}/compare.png", highlight=False)
 
 

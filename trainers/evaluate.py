@@ -253,33 +253,40 @@ def _run_name(folder: Path) -> str:
     return folder.parent.name if folder.name.startswith("eval-") else folder.name
 
 
-def compare_evals(a: str | Path, b: str | Path, split: str = "test", out: str | Path | None = None,
-                  resamples: int = 2000, level: float = 0.95) -> dict:
+def compare_evals(a, b, split: str = "test", out: str | Path | None = None, resamples: int = 2000,
+                  level: float = 0.95) -> dict:
     """Image AUROC of evaluation A against B on the same items, overall and per group, with paired
-    bootstrap intervals of the difference (core.metrics.paired_auroc_difference). Writes
-    ``compare.json`` and a forest plot ``compare.png`` into ``out`` (default
-    A's evaluation folder / compare-<B's run>) and returns what it wrote."""
+    bootstrap intervals of the difference (core.metrics.paired_auroc_difference). ``a`` and ``b`` are
+    each a run directory or evaluation folder, or a list of them (e.g. one run per seed: that side's
+    AUROC is their mean). Writes ``compare.json`` and a forest plot ``compare.png`` into ``out``
+    (default A's first evaluation folder / compare-<B's first run>) and returns what it wrote."""
     from core.metrics import paired_auroc_difference
 
-    folder_a, folder_b = _eval_folder(a, split), _eval_folder(b, split)
-    scores_a, scores_b = _read_scores(folder_a), _read_scores(folder_b)
-    only_a, only_b = sorted(set(scores_a) - set(scores_b)), sorted(set(scores_b) - set(scores_a))
-    if only_a or only_b:
-        raise ValueError(f"'{folder_a}' and '{folder_b}' scored different items ({len(only_a)} only in the first, "
-                         f"e.g. {only_a[:3]}; {len(only_b)} only in the second, e.g. {only_b[:3]}): compare "
-                         "evaluations of the same split of the same store")
-    if not scores_a:
-        raise ValueError(f"'{folder_a / 'scores.csv'}' lists no scored item")
-    differing = [i for i in scores_a if scores_a[i][:2] != scores_b[i][:2]]
-    if differing:
-        raise ValueError(f"the two evaluations disagree on the label or group of {len(differing)} items "
-                         f"(e.g. '{differing[0]}': {scores_a[differing[0]][:2]} against {scores_b[differing[0]][:2]}): "
-                         "were they made from different stores?")
-    ids = sorted(scores_a)
-    label = np.array([scores_a[i][0] for i in ids])
-    group = np.array([scores_a[i][1] for i in ids])
-    value_a = np.array([scores_a[i][2] for i in ids])
-    value_b = np.array([scores_b[i][2] for i in ids])
+    sides = [[_eval_folder(path, split) for path in ([side] if isinstance(side, (str, Path)) else side)]
+             for side in (a, b)]
+    if not sides[0] or not sides[1]:
+        raise ValueError("compare needs at least one evaluation on each side")
+    folders = sides[0] + sides[1]
+    scores = [_read_scores(folder) for folder in folders]
+    reference, first = scores[0], folders[0]
+    if not reference:
+        raise ValueError(f"'{first / 'scores.csv'}' lists no scored item")
+    for folder, other in zip(folders[1:], scores[1:]):
+        only_a, only_b = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
+        if only_a or only_b:
+            raise ValueError(f"'{first}' and '{folder}' scored different items ({len(only_a)} only in the first, "
+                             f"e.g. {only_a[:3]}; {len(only_b)} only in the second, e.g. {only_b[:3]}): compare "
+                             "evaluations of the same split of the same store")
+        differing = [i for i in reference if reference[i][:2] != other[i][:2]]
+        if differing:
+            raise ValueError(f"'{first}' and '{folder}' disagree on the label or group of {len(differing)} items "
+                             f"(e.g. '{differing[0]}': {reference[differing[0]][:2]} against "
+                             f"{other[differing[0]][:2]}): were they made from different stores?")
+    ids = sorted(reference)
+    label = np.array([reference[i][0] for i in ids])
+    group = np.array([reference[i][1] for i in ids])
+    values = np.array([[table[i][2] for i in ids] for table in scores])
+    value_a, value_b = values[:len(sides[0])], values[len(sides[0]):]
     normal = label == 0
     selections = {"overall": label == 1}
     selections.update({g: (label == 1) & (group == g) for g in sorted(set(group[label == 1]))})
@@ -288,15 +295,16 @@ def compare_evals(a: str | Path, b: str | Path, split: str = "test", out: str | 
         if not normal.any() or not anomalous.any():
             continue
         rows[name] = {"n_normal": int(normal.sum()), "n_anomalous": int(anomalous.sum()),
-                      **paired_auroc_difference(value_a[normal], value_a[anomalous], value_b[normal],
-                                                value_b[anomalous], resamples, level)}
+                      **paired_auroc_difference(value_a[:, normal], value_a[:, anomalous], value_b[:, normal],
+                                                value_b[:, anomalous], resamples, level)}
     if not rows:
-        raise ValueError(f"'{folder_a / 'scores.csv'}' needs both normal and anomalous items to compare AUROCs")
-    name_a, name_b = _run_name(folder_a), _run_name(folder_b)
-    out = Path(out) if out else folder_a / f"compare-{name_b}"
+        raise ValueError(f"'{first / 'scores.csv'}' needs both normal and anomalous items to compare AUROCs")
+    names = [[_run_name(folder) for folder in side] for side in sides]
+    label_a, label_b = (side[0] + (f" (+{len(side) - 1})" if len(side) > 1 else "") for side in names)
+    out = Path(out) if out else sides[0][0] / f"compare-{names[1][0]}"
     out.mkdir(parents=True, exist_ok=True)
-    result = {"a": str(folder_a), "b": str(folder_b), "name_a": name_a, "name_b": name_b, "resamples": resamples,
-              "level": level, "groups": rows}
+    result = {"a": [str(f) for f in sides[0]], "b": [str(f) for f in sides[1]], "name_a": label_a,
+              "name_b": label_b, "resamples": resamples, "level": level, "groups": rows}
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     _forest_plot(result, out / "compare.png")
     result["out"] = str(out)

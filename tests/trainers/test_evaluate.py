@@ -101,6 +101,13 @@ def test_compare_pairs_two_evaluations_of_the_same_items(trained, tmp_path):
     assert done.exit_code == 0, done.output
     itself = json.loads((run_dir / "eval-test" / f"compare-{run_dir.name}" / "compare.json").read_text())
     assert all(row["difference_ci"] == [0.0, 0.0] for row in itself["groups"].values())
+    # Several runs on one side (seeds): their mean AUROC, on every resample.
+    done = runner.invoke(app, ["compare", f"{run_dir},{worse}", str(worse), "--resamples", "200",
+                               "--out", str(tmp_path / "mean")])
+    assert done.exit_code == 0, done.output
+    mean = json.loads((tmp_path / "mean" / "compare.json").read_text())["groups"]["overall"]
+    assert mean["runs_a"] == pytest.approx([metrics["overall"]["image_auroc"], 0.0])
+    assert mean["auroc_a"] == pytest.approx(metrics["overall"]["image_auroc"] / 2) == mean["difference"]
     # Different items, or a run never evaluated: told what and where, exit 2.
     fewer = other_eval("fewer", rows[1:])
     done = runner.invoke(app, ["compare", str(run_dir), str(fewer)])
