@@ -13,7 +13,7 @@ Layout (see ../shared/DESIGN.md)::
       index/<slide_id>.parquet  each slide's rows of the tile index (outside the Zarr hierarchy)
       tiles.parquet             every complete slide's rows (rebuilt after each ingest)
       volumes/<volume_id>/      image (z, y, x) float32, mask, scores/<run> (see data_plane/volumes.py)
-      volume_index/<id>.parquet, volumes.parquet   one row per volume, like the tile index
+      volume_index/<id>.parquet, volumes.parquet   one row per volume (shape, spacing, label, split, group)
       manifest.json             ingest version, config, per-slide status (done / failed + reason)
 
 **Coordinates are level-0 pixels (y, x) everywhere**: in tiles.parquet, in stream outputs
@@ -148,7 +148,8 @@ def rebuild_volume_index(store: str | Path) -> int:
     if not tables:
         (root / "volumes.parquet").unlink(missing_ok=True)
         return 0
-    table = pa.concat_tables(tables)
+    # Rows written by an older tessera lack the spacing columns: they read as null, not as an error.
+    table = pa.concat_tables(tables, promote_options="default")
     atomic_write_parquet(table, root / "volumes.parquet")
     return table.num_rows
 

@@ -135,7 +135,9 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
     row = pa.table({"volume_id": [source.item_id], "shape_z": [normalised.shape[0]],
                     "shape_y": [normalised.shape[1]], "shape_x": [normalised.shape[2]],
                     "label": [source.label], "split": [source.split], "group": [source.group],
-                    "has_mask": [mask is not None]})
+                    "has_mask": [mask is not None],
+                    # voxel size in mm, so spacing can be checked across a store without opening volumes
+                    "spacing_z": [float(zooms[2])], "spacing_y": [float(zooms[1])], "spacing_x": [float(zooms[0])]})
     (root / "volume_index").mkdir(exist_ok=True)
     atomic_write_parquet(row, root / "volume_index" / f"{source.item_id}.parquet")
     if progress:

@@ -219,9 +219,16 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                + (f" [{overall['image_auroc_low']:.2f}, {overall['image_auroc_high']:.2f}]"
                   if "image_auroc_low" in overall else "") + f", AP {overall['image_ap']:.3f} "
                f"({overall['n_normal']} normal, {overall['n_anomalous']} anomalous)"
-               + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {overall['pixel_ap']:.3f}, DICE {overall['dice']:.3f}"
-                  if "pixel_ap" in overall else "")
+               + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {_with_interval(overall, 'pixel_ap')}, "
+                  f"DICE {_with_interval(overall, 'dice')}" if "pixel_ap" in overall else "")
                + f" -> {run_dir / f'eval-{split}'}/index.html")
+
+
+def _with_interval(values: dict, key: str) -> str:
+    """``0.676 [0.61, 0.73]``: a figure with its bootstrap interval when the evaluation has one."""
+    if f"{key}_low" not in values:
+        return f"{values[key]:.3f}"
+    return f"{values[key]:.3f} [{values[key + '_low']:.2f}, {values[key + '_high']:.2f}]"
 
 
 @app.command()
@@ -233,7 +240,8 @@ def compare(a: str = typer.Argument(..., help="Run directory (or evaluation fold
             out: Optional[Path] = typer.Option(None, help="Output folder; default A's eval folder/compare-<B>."),
             resamples: int = typer.Option(2000, min=100, help="Paired bootstrap resamples."),
             level: float = typer.Option(0.95, min=0.5, max=0.999, help="Coverage of the intervals.")) -> None:
-    """Is A better than B? Image AUROC per group with paired bootstrap intervals: compare.json, compare.png."""
+    """Is A better than B? Image AUROC (and pixel AP) per group with paired bootstrap intervals: compare.json,
+    compare.png."""
     from rich.console import Console
     from rich.table import Table
 
@@ -262,6 +270,21 @@ def compare(a: str = typer.Argument(..., help="Run directory (or evaluation fold
         table.add_row(*cells)
     console = Console()
     console.print(table)
+    pixel_rows = {name: row["pixel_ap"] for name, row in result["groups"].items() if "pixel_ap" in row}
+    if pixel_rows:
+        table = Table(title=f"pixel AP (pooled voxels; cases resampled, {level:.0%} intervals)")
+        for column in columns[:1] + columns[3:]:
+            table.add_column(column, justify="left" if column == "group" else "right")
+        for name, row in pixel_rows.items():
+            low, high = row["difference_ci"]
+            verdict = "green" if low > 0 else "red" if high < 0 else "default"
+            cells = [name, "{:.3f} [{:.2f}, {:.2f}]".format(row["a"], *row["a_ci"]),
+                     "{:.3f} [{:.2f}, {:.2f}]".format(row["b"], *row["b_ci"]),
+                     f"[{verdict}]{row['difference']:+.3f} [{low:+.2f}, {high:+.2f}][/]", f"{row['a_ahead']:.0%}"]
+            if several:
+                cells += [" ".join(f"{v:.2f}" for v in row["runs_a"]), " ".join(f"{v:.2f}" for v in row["runs_b"])]
+            table.add_row(*cells)
+        console.print(table)
     if several:
         console.print(f"A: {', '.join(result['a'])}\nB: {', '.join(result['b'])}", highlight=False)
     console.print(f"an interval across 0 makes no call; -> {result['out']}/compare.png", highlight=False)

@@ -18,11 +18,11 @@ from rich.console import Console
 from trainers.run_dir import create_run_dir
 
 
-def _auroc(metrics: dict) -> str:
-    """An AUROC with its bootstrap interval: the demo's test splits are small, and the interval says how small."""
-    if "image_auroc_low" not in metrics:
-        return f"{metrics['image_auroc']:.3f}"
-    return f"{metrics['image_auroc']:.3f} [95% {metrics['image_auroc_low']:.2f}-{metrics['image_auroc_high']:.2f}]"
+def _auroc(metrics: dict, key: str = "image_auroc") -> str:
+    """A figure with its bootstrap interval: the demo's test splits are small, and the interval says how small."""
+    if f"{key}_low" not in metrics:
+        return f"{metrics[key]:.3f}"
+    return f"{metrics[key]:.3f} [95% {metrics[key + '_low']:.2f}-{metrics[key + '_high']:.2f}]"
 
 
 def describe_slide(path: Path) -> str:
@@ -135,7 +135,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     result = evaluate(train_dir, split="test")
     overall = result["overall"]
     console.print(f"  image AUROC {_auroc(overall)}, AP {overall['image_ap']:.3f}; pixel AUROC "
-                  f"{overall['pixel_auroc']:.3f}, AP {overall['pixel_ap']:.3f}, DICE {overall['dice']:.3f}; "
+                  f"{overall['pixel_auroc']:.3f}, AP {_auroc(overall, 'pixel_ap')}, DICE {overall['dice']:.3f}; "
                   f"page: {train_dir / 'eval-test' / 'index.html'}", soft_wrap=True)
     run.metrics({"stage": "eval", **overall})
 
@@ -156,7 +156,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     console.print(f"  {len(report.done)} MNI152-derived subjects at 2 mm (MOOD outliers in the test split) "
                   f"-> {fpi_config.data.store}", soft_wrap=True)
     fpi_dir, overall, figures = train_and_evaluate(fpi_config, "fpi", run.path / "fpi")
-    console.print(f"  FPI (300 steps): sample AUROC {_auroc(overall)}; pixel AP {overall['pixel_ap']:.3f}, "
+    console.print(f"  FPI (300 steps): sample AUROC {_auroc(overall)}; pixel AP {_auroc(overall, 'pixel_ap')}, "
                   f"DICE {overall['dice']:.3f}; score volumes in {fpi_dir / 'eval-test' / 'mood' / 'pixel'}; "
                   f"slice through an outlier: {figures[0] if figures else 'none'}", soft_wrap=True)
     run.metrics({"stage": "fpi", **overall})

@@ -76,11 +76,14 @@ def _curves(image_scores: np.ndarray, targets: np.ndarray, groups: np.ndarray, o
 
 
 def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
+    def cell(values, key):
+        text = f"{values.get(key, float('nan')):.3f}"
+        if f"{key}_low" in values:
+            text += f" <small>[{values[key + '_low']:.2f}, {values[key + '_high']:.2f}]</small>"
+        return f"<td>{text}</td>"
+
     def row(name, values):
-        low, high = values.get("image_auroc_low", float("nan")), values.get("image_auroc_high", float("nan"))
-        cells = "".join(f"<td>{values.get(k, float('nan')):.3f}</td>" for k in
-                        ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "dice"))
-        cells = cells.replace("</td>", f" <small>[{low:.2f}, {high:.2f}]</small></td>", 1)
+        cells = "".join(cell(values, k) for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "dice"))
         return f"<tr><td>{html.escape(name)}</td><td>{values['n_normal']}</td><td>{values['n_anomalous']}</td>{cells}</tr>"
 
     rows = [row("overall", metrics["overall"])] + [row(g, v) for g, v in metrics["groups"].items()]
@@ -91,7 +94,8 @@ def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
 figure{{display:inline-block;margin:6px}}</style>
 <h1>Evaluation of {html.escape(run_dir.name)}</h1>
 {''.join(f"<p>{html.escape(k)}: {html.escape(str(v))}</p>" for k, v in metrics.get("settings", {}).items())}
-<table><tr><th>group</th><th>normal</th><th>anomalous</th><th>image AUROC [95% bootstrap]</th><th>image AP</th>
+<p>[brackets]: 95% stratified bootstrap intervals, resampling cases (normal and anomalous apart).</p>
+<table><tr><th>group</th><th>normal</th><th>anomalous</th><th>image AUROC</th><th>image AP</th>
 <th>pixel AUROC</th><th>pixel AP</th><th>DICE</th></tr>{''.join(rows)}</table>
 <p><img src="roc.png" width="420"> <img src="pr.png" width="420"></p>
 <h2>Heatmaps</h2>{images or '<p>none</p>'}
@@ -132,6 +136,21 @@ def _write_scores(path: Path, metrics: AnomalyMetrics) -> None:
     partial.replace(path)
 
 
+def _write_pixel_histograms(path: Path, metrics: AnomalyMetrics) -> None:
+    """Each case's pixel-score histogram by label (core.metrics.pixel_histogram), for the pixel
+    comparisons of `tessera compare`; nothing when no case had a pixel map."""
+    ids, labels, histograms = metrics.pixel_histograms({c.group for c in metrics.cases})
+    path.unlink(missing_ok=True)  # a previous evaluation's, which would no longer match scores.csv
+    if not ids:
+        return
+    groups = {c.case_id: c.group for c in metrics.cases}
+    partial = path.with_name(path.stem + ".partial.npz")
+    with open(partial, "wb") as f:
+        np.savez_compressed(f, ids=np.array(ids), labels=labels, groups=np.array([groups[i] for i in ids]),
+                            histograms=histograms)
+    partial.replace(path)
+
+
 def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None = None) -> dict:
     """Merge the ranks' shares and write metrics.json (with the eval ``settings`` that shaped the
     scores), the curves and index.html."""
@@ -144,6 +163,7 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
         result["settings"] = settings
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _write_scores(out / "scores.csv", metrics)
+    _write_pixel_histograms(out / "pixel_histograms.npz", metrics)
     _curves(np.array([c.score for c in metrics.cases]), np.array([c.label for c in metrics.cases]),
             np.array([c.group for c in metrics.cases]), out)
     _page(out, run_dir, result, sorted(names))
@@ -253,14 +273,38 @@ def _run_name(folder: Path) -> str:
     return folder.parent.name if folder.name.startswith("eval-") else folder.name
 
 
+def _pixel_sides(folders: list[Path], counts: tuple[int, int], ids: list[str]) -> dict | None:
+    """Every evaluation's per-case pixel histograms (pixel_histograms.npz), checked to cover the same
+    cases; None when any evaluation has none (no pixel maps, or made by an older tessera)."""
+    files = [folder / "pixel_histograms.npz" for folder in folders]
+    if not all(f.is_file() for f in files):
+        return None
+    loaded = []
+    for f in files:
+        with np.load(f) as data:
+            loaded.append({k: data[k] for k in ("ids", "labels", "groups", "histograms")})
+    first = loaded[0]
+    for f, other in zip(files[1:], loaded[1:]):
+        if other["ids"].tolist() != first["ids"].tolist() or other["histograms"].shape != first["histograms"].shape:
+            raise ValueError(f"'{files[0]}' and '{f}' hold pixel maps of different items or levels: evaluate "
+                             "both runs with this tessera on the same split of the same store")
+    stray = sorted(set(first["ids"].tolist()) - set(ids))
+    if stray:
+        raise ValueError(f"'{files[0]}' has pixel maps of items not in its scores.csv (e.g. '{stray[0]}'): "
+                         "evaluate the run again")
+    return {"labels": first["labels"], "groups": first["groups"],
+            "sides": [[d["histograms"] for d in loaded[:counts[0]]], [d["histograms"] for d in loaded[counts[0]:]]]}
+
+
 def compare_evals(a, b, split: str = "test", out: str | Path | None = None, resamples: int = 2000,
                   level: float = 0.95) -> dict:
     """Image AUROC of evaluation A against B on the same items, overall and per group, with paired
-    bootstrap intervals of the difference (core.metrics.paired_auroc_difference). ``a`` and ``b`` are
+    bootstrap intervals of the difference (core.metrics.paired_auroc_difference); likewise pixel AP
+    (core.metrics.paired_pixel_difference) where both have pixel maps. ``a`` and ``b`` are
     each a run directory or evaluation folder, or a list of them (e.g. one run per seed: that side's
     AUROC is their mean). Writes ``compare.json`` and a forest plot ``compare.png`` into ``out``
     (default A's first evaluation folder / compare-<B's first run>) and returns what it wrote."""
-    from core.metrics import paired_auroc_difference
+    from core.metrics import paired_auroc_difference, paired_pixel_difference
 
     sides = [[_eval_folder(path, split) for path in ([side] if isinstance(side, (str, Path)) else side)]
              for side in (a, b)]
@@ -299,6 +343,16 @@ def compare_evals(a, b, split: str = "test", out: str | Path | None = None, resa
                                                 value_b[:, anomalous], resamples, level)}
     if not rows:
         raise ValueError(f"'{first / 'scores.csv'}' needs both normal and anomalous items to compare AUROCs")
+    pixels = _pixel_sides(folders, (len(sides[0]), len(sides[1])), ids)
+    if pixels is not None:
+        normal_p = pixels["labels"] == 0
+        for name in rows:
+            anomalous_p = (pixels["labels"] == 1) & (True if name == "overall" else pixels["groups"] == name)
+            if anomalous_p.any():
+                rows[name]["pixel_ap"] = paired_pixel_difference(
+                    [h[normal_p] for h in pixels["sides"][0]], [h[anomalous_p] for h in pixels["sides"][0]],
+                    [h[normal_p] for h in pixels["sides"][1]], [h[anomalous_p] for h in pixels["sides"][1]],
+                    resamples, level)
     names = [[_run_name(folder) for folder in side] for side in sides]
     label_a, label_b = (side[0] + (f" (+{len(side) - 1})" if len(side) > 1 else "") for side in names)
     out = Path(out) if out else sides[0][0] / f"compare-{names[1][0]}"
@@ -312,27 +366,38 @@ def compare_evals(a, b, split: str = "test", out: str | Path | None = None, resa
 
 
 def _forest_plot(result: dict, path: Path) -> None:
-    """The AUROC difference per group with its interval: left of 0, B is better; a bar across 0, no call."""
+    """The difference per group with its interval, image AUROC (and pixel AP where both sides have
+    pixel maps) side by side: left of 0, B is better; a bar across 0, no call."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(result["groups"])[::-1]
-    rows = [result["groups"][n] for n in names]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.4), dpi=110)
-    for y, row in enumerate(rows):
-        low, high = row["difference_ci"]
-        colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
-        ax.plot([low, high], [y, y], color=colour, lw=2)
-        ax.plot(row["difference"], y, "o", color=colour)
-        ax.annotate(f"{row['auroc_a']:.3f} vs {row['auroc_b']:.3f}  (n={row['n_anomalous']})", (1.02, y),
-                    xycoords=("axes fraction", "data"), va="center", fontsize=8)
-    ax.axvline(0, color="black", lw=0.8, ls="--")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel(f"image AUROC {result['name_a']} − {result['name_b']}  ({result['level']:.0%} paired bootstrap)")
+    panels = [("image AUROC", [result["groups"][n] for n in names])]
+    if any("pixel_ap" in result["groups"][n] for n in names):
+        panels.append(("pixel AP", [{"auroc_a": r["pixel_ap"]["a"], "auroc_b": r["pixel_ap"]["b"],
+                                     **r["pixel_ap"]} if "pixel_ap" in r else None
+                                    for r in (result["groups"][n] for n in names)]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.5 * len(names) + 1.4), dpi=110,
+                             squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels):
+        for y, row in enumerate(rows):
+            if row is None:
+                continue
+            low, high = row["difference_ci"]
+            colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
+            ax.plot([low, high], [y, y], color=colour, lw=2)
+            ax.plot(row["difference"], y, "o", color=colour)
+            ax.annotate(f"{row['auroc_a']:.3f} vs {row['auroc_b']:.3f}"
+                        + (f"  (n={row['n_anomalous']})" if "n_anomalous" in row else ""), (1.02, y),
+                        xycoords=("axes fraction", "data"), va="center", fontsize=8)
+        ax.axvline(0, color="black", lw=0.8, ls="--")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_ylim(-0.5, len(names) - 0.5)
+        ax.set_xlabel(f"{title} {result['name_a']} − {result['name_b']}  ({result['level']:.0%} paired bootstrap)")
     fig.tight_layout()
-    fig.subplots_adjust(right=0.72)
+    fig.subplots_adjust(right=1 - 0.28 / len(panels), wspace=0.6)
     fig.savefig(path)
     plt.close(fig)
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from core.metrics import (AnomalyMetrics, ScoreTable, bootstrap_aurocs, paired_auroc_difference,
-                          weighted_auroc)
+from core.metrics import (AnomalyMetrics, ScoreTable, bootstrap_aurocs, bootstrap_pixel_metrics,
+                          paired_auroc_difference, pixel_histogram, pixel_levels, weighted_auroc)
 
 
 def cases(seed=0, n=6, shape=(8, 9, 10)):
@@ -131,3 +131,61 @@ def test_paired_difference_sees_a_real_gain_and_no_gain_in_a_tie():
     low, high = noisy_a["difference_ci"]
     assert low < 0 < high
     assert low < noisy_a["auroc_a"] - noisy_a["auroc_b"] < high
+
+
+def test_binned_pixel_tables_give_the_exact_metrics_of_the_binned_scores():
+    # The vectorised table metrics behind the pixel intervals equal ScoreTable's (hence scikit-learn's)
+    # on scores rounded down to the histogram's levels.
+    bins = 64
+    histograms, binned = [], ScoreTable()
+    for scores, labels, _, _ in cases(3):
+        scores = np.clip(scores, 0, 1)
+        histograms.append(pixel_histogram(scores, labels, bins))
+        binned.update(pixel_levels(scores, bins), labels)
+    one = np.stack(histograms).sum(axis=0)
+    # A "resample" that draws every case once is the full sample: identity weights, via a 1-case stratum.
+    boot = bootstrap_pixel_metrics(np.empty((0, 2, bins)), one[None], 5)
+    assert np.allclose(boot["pixel_ap"], binned.average_precision(), atol=1e-12)
+    assert np.allclose(boot["pixel_auroc"], binned.auroc(), atol=1e-12)
+    assert np.allclose(boot["dice"], binned.best_dice()[0], atol=1e-12)
+
+
+def test_pixel_levels_keep_the_order_of_scores_down_to_small_residuals():
+    scores = np.r_[0.0, 5e-7, np.geomspace(1e-6, 1, 2000), 1.0]
+    levels = pixel_levels(scores, 1024)
+    assert levels[0] == levels[1] == 0 and levels[-1] == 1023
+    assert np.all(np.diff(levels) >= 0)
+    # Scores 3 % apart never share a level, however small: rounding to levels then ranks as exactly.
+    ratio_three_percent = pixel_levels(np.geomspace(1e-5, 1, 390), 1024)
+    assert len(np.unique(ratio_three_percent)) == 390
+
+
+def test_pixel_intervals_cover_the_estimate_narrow_with_cases_and_keep_case_order():
+    rng = np.random.default_rng(4)
+
+    def evaluate(n, order=1):
+        rows = []
+        for i in range(n):
+            labels = np.zeros((12, 12), bool)
+            if i % 2:
+                labels[3:7, 4:9] = True
+            # Cases differ in how visible their anomaly is: that case-to-case spread is what the
+            # interval measures (voxels of one case are not independent draws).
+            scores = np.clip(rng.beta(1, 12, labels.shape) + rng.uniform(0, 0.5) * labels, 0, 1)
+            rows.append((f"c{i:03d}", scores, labels, i % 2))
+        metrics = AnomalyMetrics()
+        for case_id, scores, labels, label in rows[::order]:
+            metrics.add(float(scores.max()), label, "kind", scores, labels, case_id=case_id)
+        return metrics.compute()["overall"]
+
+    small, large = evaluate(16), evaluate(200)
+    for key in ("pixel_auroc", "pixel_ap", "dice"):
+        assert small[f"{key}_low"] < small[key] < small[f"{key}_high"], key
+        assert large[f"{key}_high"] - large[f"{key}_low"] < 0.6 * (small[f"{key}_high"] - small[f"{key}_low"]), key
+    rng = np.random.default_rng(5)
+    forward = evaluate(20)
+    rng = np.random.default_rng(5)
+    assert evaluate(20, order=-1) == forward  # the same cases gathered in another order
+    plain = AnomalyMetrics(resamples=0)
+    plain.add(0.5, 1, "kind", np.full((4, 4), 0.5), np.eye(4), case_id="a")
+    assert "pixel_ap" in plain.compute()["overall"] and "pixel_ap_low" not in plain.compute()["overall"]

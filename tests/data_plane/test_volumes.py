@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from data_plane.ingest import Source, ingest, read_manifest_csv, resolve_sources
-from data_plane.volumes import write_volume_scores
+from data_plane.volumes import volume_index, write_volume_scores
 
 NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 
@@ -56,6 +56,25 @@ def test_resampling_to_a_target_spacing(tmp_path, data_config):
     assert report.done == ["standard"]
     info = zarr.open_group(str(tmp_path / "s.zarr" / "volumes" / "standard"), mode="r").attrs["tessera"]
     assert np.allclose(info["spacing_xyz"], 4.0)
+    row = volume_index(tmp_path / "s.zarr").set_index("volume_id").loc["standard"]
+    assert np.allclose([row.spacing_x, row.spacing_y, row.spacing_z], 4.0)
+    # A volume ingested by an older tessera (its index row has no spacing) still joins the index.
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_plane.store import rebuild_volume_index
+
+    root = tmp_path / "s.zarr"
+    shutil.copytree(root / "volumes" / "standard", root / "volumes" / "older")
+    old_row = pq.read_table(root / "volume_index" / "standard.parquet").drop_columns(
+        ["spacing_x", "spacing_y", "spacing_z"])
+    old_row = old_row.set_column(0, "volume_id", pa.array(["older"]))
+    pq.write_table(old_row, root / "volume_index" / "older.parquet")
+    assert rebuild_volume_index(root) == 2
+    index = volume_index(root).set_index("volume_id")
+    assert pd.isna(index.loc["older", "spacing_z"]) and index.loc["standard", "spacing_z"] == pytest.approx(4.0)
     original = nibabel.load(NIBABEL_DATA / "standard.nii.gz")
     zooms = np.array(original.header.get_zooms()[:3])
     expected = np.round(np.array(original.shape) * zooms / 4.0)

@@ -59,6 +59,14 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
         rows = list(csv.DictReader(f))
     assert len(rows) == len({r["id"] for r in rows}) == overall["n_normal"] + overall["n_anomalous"]
     assert sum(r["label"] == "1" for r in rows) == overall["n_anomalous"]
+    for key in ("pixel_auroc", "pixel_ap", "dice"):
+        assert overall[f"{key}_low"] <= overall[key] <= overall[f"{key}_high"], key
+    import numpy as np
+
+    with np.load(out / "pixel_histograms.npz") as pixels:
+        assert set(pixels["ids"].tolist()) <= {r["id"] for r in rows}
+        assert pixels["histograms"].shape == (len(pixels["ids"]), 2, 1024)
+        assert pixels["histograms"][pixels["labels"] == 1, 1].sum() > 0  # anomalous voxels of anomalous tiles
 
 
 def test_compare_pairs_two_evaluations_of_the_same_items(trained, tmp_path):
@@ -83,6 +91,14 @@ def test_compare_pairs_two_evaluations_of_the_same_items(trained, tmp_path):
 
     # B ranks every anomaly below every normal: A is never behind, and ahead by its own AUROC.
     worse = other_eval("worse", [{**r, "score": -10.0} if r["label"] == "1" else r for r in rows])
+    # B's pixel maps are flat (every voxel in the lowest level): its pixel AP is the anomalous share.
+    import numpy as np
+
+    with np.load(run_dir / "eval-test" / "pixel_histograms.npz") as pixels:
+        pixels = dict(pixels)
+    flat = np.zeros_like(pixels["histograms"])
+    flat[:, :, 0] = pixels["histograms"].sum(axis=2)
+    np.savez_compressed(worse / "eval-test" / "pixel_histograms.npz", **{**pixels, "histograms": flat})
     runner = CliRunner()
     done = runner.invoke(app, ["compare", str(run_dir), str(worse), "--resamples", "300", "--out", str(tmp_path / "c")])
     assert done.exit_code == 0, done.output
@@ -95,12 +111,28 @@ def test_compare_pairs_two_evaluations_of_the_same_items(trained, tmp_path):
         assert row["difference_ci"][0] >= 0 and row["a_ahead"] + row["tied"] == 1.0
         assert row["difference"] == pytest.approx(row["auroc_a"])
     assert result["groups"]["overall"]["difference_ci"][0] > 0
+    pixel = result["groups"]["overall"]["pixel_ap"]
+    assert pixel["a"] == pytest.approx(metrics["overall"]["pixel_ap"], abs=0.01)  # binned at 1024 levels
+    share = flat[pixels["labels"] == 1, 1].sum() / flat.sum()
+    assert pixel["b"] == pytest.approx(share, rel=1e-9)
+    assert pixel["difference_ci"][0] <= pixel["a"] - pixel["b"] <= pixel["difference_ci"][1]
+    assert "pixel AP" in done.output
+    # Perfect pixel maps (anomalous voxels at the top level, the rest at the bottom) against flat ones.
+    perfect = other_eval("perfect", rows)
+    sharp = np.zeros_like(pixels["histograms"])
+    sharp[:, 0, 0], sharp[:, 1, -1] = pixels["histograms"][:, 0].sum(axis=1), pixels["histograms"][:, 1].sum(axis=1)
+    np.savez_compressed(perfect / "eval-test" / "pixel_histograms.npz", **{**pixels, "histograms": sharp})
+    done = runner.invoke(app, ["compare", str(perfect), str(worse), "--resamples", "200", "--out", str(tmp_path / "p")])
+    assert done.exit_code == 0, done.output
+    pixel = json.loads((tmp_path / "p" / "compare.json").read_text())["groups"]["overall"]["pixel_ap"]
+    assert pixel["a"] == 1.0 and pixel["difference_ci"][0] > 0.5 and pixel["a_ahead"] == 1.0
     assert (tmp_path / "c" / "compare.png").stat().st_size > 1000
     # Against itself: no difference on any resample.
     done = runner.invoke(app, ["compare", str(run_dir), str(run_dir), "--resamples", "200"])
     assert done.exit_code == 0, done.output
     itself = json.loads((run_dir / "eval-test" / f"compare-{run_dir.name}" / "compare.json").read_text())
     assert all(row["difference_ci"] == [0.0, 0.0] for row in itself["groups"].values())
+    assert all(row["pixel_ap"]["difference_ci"] == [0.0, 0.0] for row in itself["groups"].values() if "pixel_ap" in row)
     # Several runs on one side (seeds): their mean AUROC, on every resample.
     done = runner.invoke(app, ["compare", f"{run_dir},{worse}", str(worse), "--resamples", "200",
                                "--out", str(tmp_path / "mean")])
