@@ -381,7 +381,7 @@ def _forest_plot(result: dict, path: Path) -> None:
                                     for r in (result["groups"][n] for n in names)]))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.5 * len(names) + 1.4), dpi=110,
                              squeeze=False)
-    for ax, (title, rows) in zip(axes[0], panels):
+    for index, (ax, (title, rows)) in enumerate(zip(axes[0], panels)):
         for y, row in enumerate(rows):
             if row is None:
                 continue
@@ -393,11 +393,11 @@ def _forest_plot(result: dict, path: Path) -> None:
                         + (f"  (n={row['n_anomalous']})" if "n_anomalous" in row else ""), (1.02, y),
                         xycoords=("axes fraction", "data"), va="center", fontsize=8)
         ax.axvline(0, color="black", lw=0.8, ls="--")
-        ax.set_yticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), names if index == 0 else [])  # the groups, named once at the left
         ax.set_ylim(-0.5, len(names) - 0.5)
         ax.set_xlabel(f"{title} {result['name_a']} − {result['name_b']}  ({result['level']:.0%} paired bootstrap)")
     fig.tight_layout()
-    fig.subplots_adjust(right=1 - 0.28 / len(panels), wspace=0.6)
+    fig.subplots_adjust(right=1 - 0.28 / len(panels), wspace=0.45)
     fig.savefig(path)
     plt.close(fig)
 
