@@ -130,6 +130,7 @@ def train(config: Optional[Path] = ConfigArg,
     """Train the config's method with DeepSpeed (gloo on CPU, NCCL on GPUs); resumable."""
     import os
     import subprocess
+    import sys
 
     from trainers.launch import Launch
     from trainers.run_dir import create_run_dir, join_run_dir
@@ -141,8 +142,22 @@ def train(config: Optional[Path] = ConfigArg,
     if resume:
         if run_dir is None or not (run_dir / "config.yaml").is_file():
             _fail("--resume needs --run-dir pointing at an existing run (with its config.yaml)")
-        if config is not None or overrides:
-            _fail("--resume continues the run with its own config.yaml; drop CONFIG and --set")
+        if config is not None:
+            _fail("--resume continues the run with its own config.yaml; drop CONFIG (--set may still change "
+                  "learning rates, steps and logging)")
+        from tessera.config import ConfigError, resumed_config
+        from trainers.run_dir import RunLock, record_resume_overrides
+
+        holder = RunLock(run_dir).holder()
+        if holder:
+            _fail(f"run directory '{run_dir}' is being trained by {holder}; wait for it or stop it before "
+                  f"resuming")
+        try:
+            resolved = resumed_config(run_dir / "config.yaml", overrides or [])
+        except ConfigError as exc:
+            _fail(f"cannot resume '{run_dir}': {exc}")
+        if overrides:
+            record_resume_overrides(run_dir, resolved, overrides, sys.argv)
         path = run_dir
     elif launch.nnodes > 1:
         # Every node runs this same command: the first creates the run directory, the others join it,
@@ -162,16 +177,23 @@ def train(config: Optional[Path] = ConfigArg,
         path = create_run_dir(resolved, resolved.name, resolved.runs_dir, path=run_dir).path
     typer.echo(f"run directory: {path}")
     if launch.in_process and "RANK" not in os.environ:
+        from trainers.files import UnsafeFileError
         from trainers.loop import TrainingDiverged, run
+        from trainers.run_dir import RunLocked
 
         try:
             run(path, resume)
         except TrainingDiverged as exc:
             _fail(str(exc), code=3)
+        except (RunLocked, UnsafeFileError, FileNotFoundError) as exc:
+            _fail(str(exc))
         return
+    from trainers.dist import die_with_parent
+
     command = launch.command(path, resume)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # ranks share the cores
-    code = subprocess.run(command, env=env).returncode
+    # The launcher dies with this process (and each rank with the launcher): no orphan outlives a kill -9.
+    code = subprocess.run(command, env=env, preexec_fn=die_with_parent).returncode
     if code:
         _fail(f"training failed (exit {code}); see {path / 'log.txt'}; rerun with --run-dir {path} --resume",
               code=code)

@@ -86,6 +86,10 @@ def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
 
 
 def _describe(error: dict, source_of: dict[str, str], default_source: str) -> str:
+    if error["type"] == "method_options":  # one line per bad option, under its full key
+        context = error["ctx"]
+        return "\n  ".join(_describe_option(inner, context["fields"], source_of, default_source)
+                           for inner in context["errors"])
     loc = [str(part) for part in error["loc"]]
     # Unions add the member type to the location (e.g. "...magnification.float"); keep real keys only.
     known = set(valid_keys())
@@ -103,9 +107,40 @@ def _describe(error: dict, source_of: dict[str, str], default_source: str) -> st
     return f"{source}: {dotted or '<top level>'}: {message}{shown}"
 
 
+def _describe_option(error: dict, fields: list[str], source_of: dict[str, str], default_source: str) -> str:
+    """A problem with one of the method's options, named ``method.options.<key>``."""
+    loc = [str(part) for part in error["loc"]]
+    while len(loc) > 1 and loc[-1] not in fields and error["type"] != "extra_forbidden":
+        loc.pop()  # union member types, as above
+    dotted = ".".join(["method", "options", *loc])
+    source = next((source_of[k] for k in _prefixes(dotted) if k in source_of), default_source)
+    if error["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(loc[0], fields, n=1, cutoff=0.6)
+        nearest = f"; did you mean 'method.options.{hint[0]}'?" if hint else ""
+        return f"{source}: unknown key '{dotted}'{nearest}"
+    shown = f" (got {error['input']!r})" if not isinstance(error.get("input"), dict) else ""
+    return f"{source}: {dotted}: {error['msg'].removeprefix('Value error, ')}{shown}"
+
+
 def _prefixes(dotted: str) -> list[str]:
     parts = dotted.split(".")
     return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def resumed_config(path: str | Path, overrides: list[str]) -> RunConfig:
+    """A run directory's config.yaml with the ``--set`` overrides a resume may apply (RESUMABLE_KEYS:
+    learning rates, steps, logging); any other key is refused, naming the ones allowed."""
+    import fnmatch
+
+    from trainers.config import RESUMABLE_KEYS
+
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if not any(fnmatch.fnmatchcase(".".join(keys), pattern) for pattern in RESUMABLE_KEYS):
+            raise ConfigError(f"--set {text!r}: a resumed run keeps its config except for keys that leave the "
+                              f"checkpoint valid: {', '.join(RESUMABLE_KEYS)}; to change others, start a new "
+                              f"run from {path}")
+    return load_config(path, overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -119,7 +154,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot be read as text ({type(exc).__name__}: {exc})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
     source_of: dict[str, str] = {}

@@ -85,3 +85,11 @@ class TrainConfig(StrictConfig):
         if self.ema is not None and self.swa is not None:
             raise ValueError("train.ema and train.swa both average the weights; choose one")
         return self
+
+
+# Keys a resumed run may change (`tessera train --resume --set KEY=VALUE`): none changes a tensor's shape,
+# the stream's order or the optimiser's kind, so the checkpoint still fits. `*` is any group name.
+RESUMABLE_KEYS = ("train.lr", "train.groups.*.lr", "train.clip_grad", "train.steps", "train.warmup_steps",
+                  "train.lr_schedule", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
+                  "train.keep_checkpoints", "train.num_workers")
+

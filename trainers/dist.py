@@ -54,3 +54,29 @@ class DistEnv:
             return torch.device("cuda", self.local_rank)
         deepspeed.init_distributed(dist_backend="gloo", **kwargs)
         return torch.device("cpu")
+
+
+def die_with_parent(signal_number: int | None = None) -> None:
+    """Ask Linux to send this process ``signal_number`` (default SIGTERM) when its parent dies, so that
+    `kill -9` of `tessera train` does not leave torchrun and its ranks training as orphans (they would
+    keep writing checkpoints beside a resumed run). Used as the launcher's ``preexec_fn`` and by each rank
+    at start. A no-op where prctl does not exist (macOS)."""
+    import ctypes
+    import signal
+
+    number = signal.SIGTERM if signal_number is None else signal_number
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(number), 0, 0, 0)
+
+
+
+def die_with_launcher() -> None:
+    """A rank's start: die with the launcher (torchrun) that started it; if it is already gone (it died
+    before the request took effect, and init adopted us), stop now."""
+    die_with_parent()
+    if os.getppid() == 1:
+        raise SystemExit("error: the launcher that started this rank is gone; this rank stops")

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from core.metrics import AnomalyMetrics
+from trainers.files import load_file, save_file
+
+EXPORT_FORMAT = "tessera-export"
 
 
 def load_method(run_dir: Path):
@@ -29,7 +32,8 @@ def load_method(run_dir: Path):
     if not path.is_file():
         raise FileNotFoundError(f"no trained weights at '{path}': train the run to the end first "
                                 f"(or resume it with `tessera train --run-dir {run_dir} --resume`)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_file(path, ("tessera-final", EXPORT_FORMAT), "trained weights")
+    saved["method"] = json.loads(saved["method_json"])
     method = create_method(saved["method"]["name"], saved["method"]["options"])
     method.load_state_dict(saved["state"])
     return method.eval(), saved
@@ -402,9 +406,6 @@ def _forest_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-EXPORT_FORMAT = "tessera-export-1"
-
-
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """One file that scores without the run directory: weights, method config, the run's data config."""
     from tessera.config import load_config
@@ -412,15 +413,12 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     run_dir = Path(run_dir)
     _, saved = load_method(run_dir)
     config = load_config(run_dir / "config.yaml")
-    bundle = {"format": EXPORT_FORMAT, "method": saved["method"], "state": saved["state"],
-              "config": config.model_dump(mode="json"), "source_run": str(run_dir.resolve()),
+    bundle = {"method_json": saved["method_json"], "state": saved["state"], "averaged": saved.get("averaged"),
+              "config_json": json.dumps(config.model_dump(mode="json")), "source_run": str(run_dir.resolve()),
               "code": (run_dir / "git.txt").read_text() if (run_dir / "git.txt").is_file() else ""}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    torch.save(bundle, partial)
-    partial.replace(out)
-    return out
+    return save_file(bundle, out, EXPORT_FORMAT)
 
 
 def slide_score(tile_scores: np.ndarray, top_fraction: float = 0.05) -> float:
@@ -447,14 +445,11 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
         method, _ = load_method(model)
         config = load_config(model / "config.yaml")
     else:
-        try:
-            bundle = torch.load(model, map_location="cpu", weights_only=False)
-        except Exception:  # not a torch file at all (pickle, zip or EOF errors)
-            bundle = {}
-        if not isinstance(bundle, dict) or bundle.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"'{model}' is neither a run directory nor a `tessera export` file")
+        if not model.is_file():
+            raise FileNotFoundError(f"'{model}' is neither a run directory nor a `tessera export` file")
+        bundle = load_file(model, EXPORT_FORMAT, "exported model")  # refuses anything that is not safe to read
         method, _ = load_method(model)
-        config = RunConfig.model_validate(bundle["config"])
+        config = RunConfig.model_validate(json.loads(bundle["config_json"]))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "store.zarr"

@@ -7,6 +7,7 @@ rank writes logs, metrics and the checkpoint index.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -22,7 +23,9 @@ import torch
 from core.schedule import StepState, growth_at
 from trainers.config import TrainConfig
 from trainers.dist import DistEnv
-from trainers.run_dir import RunDir
+from trainers.files import load_engine_weights, load_file, load_safely, numpy_state_from_tensors, \
+    numpy_state_to_tensors, python_state_from_plain, python_state_to_plain, save_file
+from trainers.run_dir import RunDir, RunLock
 
 
 class TrainingDiverged(RuntimeError):
@@ -156,6 +159,7 @@ class Trainer:
                                            total_steps=self.train.steps, schedule=self.train.lr_schedule)
                 engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config,
                                                   lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+            load_safely(engine)
             engines[group] = engine
         return engines
 
@@ -224,16 +228,18 @@ class Trainer:
         the one resumed."""
         import torch.distributed as dist
 
+        self._check_weights_finite("its checkpoint")
         tag = f"step{self.step:08d}"
         for group, engine in self.engines.items():
             engine.save_checkpoint(str(self.checkpoints / group), tag=tag, save_latest=False)
         state_dir = self.checkpoints / "state" / tag
         state_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": self.step, "epoch": self.epoch, "global_batch": self.global_batch, "phase": self.phase,
-                    "average": self.average.state_dict() if self.average is not None else None,
-                    "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   state_dir / f"rank{self.env.rank}.pt")
+        save_file({"step": self.step, "epoch": self.epoch, "global_batch": self.global_batch, "phase": self.phase,
+                   "average": self.average.state_dict() if self.average is not None else None,
+                   "torch": torch.get_rng_state(), "numpy": numpy_state_to_tensors(np.random.get_state()),
+                   "python": python_state_to_plain(random.getstate()),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                  state_dir / f"rank{self.env.rank}.pt", "tessera-rank-state")
         dist.barrier()
         if self.env.is_main:
             latest = self.checkpoints / "latest.json"
@@ -243,6 +249,42 @@ class Trainer:
             self._prune(keep=tag)
             self.log.log(f"checkpoint {tag} written")
         dist.barrier()
+
+    def _check_weights_finite(self, before: str) -> None:
+        """Stop before ``before`` is written if any weight or buffer is NaN/inf on any rank: a finite loss
+        does not prove finite weights (BatchNorm's running_var overflows first at a huge learning rate), and
+        a non-finite checkpoint must never become the one resumed."""
+        tensors = {name: t for name, t in [*self.method.named_parameters(), *self.method.named_buffers()]
+                   if t.is_floating_point()}
+        if self.average is not None:
+            tensors.update({f"average.{n}": t for n, t in self.average.module.state_dict().items()
+                            if t.is_floating_point()})
+        finite = torch.stack([t.detach().isfinite().all() for t in tensors.values()]).all()
+        bad = (~finite).float().reshape(1).cpu()
+        if self.env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
+        if bad.item() == 0:
+            return
+        names = [n for n, t in tensors.items() if not t.detach().isfinite().all()][:3]
+        self._diverged(f"weights became NaN/inf by step {self.step} ({', '.join(names) or 'on another rank'}); "
+                       f"{before} was not written")
+
+    def _diverged(self, what: str) -> None:
+        latest = self.checkpoints / "latest.json"
+        step = json.loads(latest.read_text())["step"] if latest.is_file() else None
+        lower = f"{self.train.lr / 10:g}"
+        advice = (f"the last good checkpoint (step {step}) is kept in {self.checkpoints}: resume it with a lower "
+                  f"learning rate than train.lr={self.train.lr:g} (or a smaller train.clip_grad), e.g. "
+                  f"`tessera train --run-dir {self.run_dir} --resume --set train.lr={lower}`"
+                  if step is not None else
+                  f"no checkpoint was written yet: start again with a lower train.lr (e.g. {lower}) or "
+                  f"train.clip_grad")
+        message = f"{what}; stopped. {advice}"
+        if self.log:
+            self.log.log(message)
+        raise TrainingDiverged(message)
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in (self.checkpoints / "state").iterdir() if p.name.startswith("step"))
@@ -265,18 +307,37 @@ class Trainer:
             path, _ = engine.load_checkpoint(str(self.checkpoints / group), tag=tag)
             if path is None:
                 raise RuntimeError(f"checkpoint {tag} of group '{group}' in {self.checkpoints} could not be loaded")
-        state = torch.load(self.checkpoints / "state" / tag / f"rank{self.env.rank}.pt", weights_only=False)
+        if self.phase == "main":
+            self._apply_configured_lr()
+        state = load_file(self.checkpoints / "state" / tag / f"rank{self.env.rank}.pt", "tessera-rank-state",
+                          f"checkpoint {tag}")
         self.step, self.epoch, self.global_batch = state["step"], state["epoch"], state["global_batch"]
         if self.average is not None and state.get("average") is not None:
             self.average.load_state_dict(state["average"])
         torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        np.random.set_state(numpy_state_from_tensors(state["numpy"]))
+        random.setstate(python_state_from_plain(state["python"]))
         if state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
         if self.log:
             self.log.log(f"resumed from {tag} (step {self.step}, epoch {self.epoch}, batch {self.global_batch})")
+            if self.step < self.total_steps and (self.run_dir / "final.pt").exists():
+                # a finished run extended with --set train.steps: its final.pt no longer is the end of it
+                (self.run_dir / "final.pt").unlink()
+                self.log.log(f"final.pt removed: the run continues to step {self.total_steps}")
         return True
+
+    def _apply_configured_lr(self) -> None:
+        """DeepSpeed restores each scheduler's peak learning rate from the checkpoint; the config's wins, so
+        a run resumed with `--set train.lr=…` (after a divergence, say) continues at the new rate."""
+        for group, engine in self.engines.items():
+            scheduler = engine.lr_scheduler
+            peak = deepspeed_config(self.train, self.precision, group)["optimizer"]["params"]["lr"]
+            scheduler.base_lrs = [peak] * len(scheduler.optimizer.param_groups)
+            rates = [factor(scheduler.last_epoch) * base for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+            for param_group, lr in zip(scheduler.optimizer.param_groups, rates):
+                param_group["lr"] = lr
+            scheduler._last_lr = rates
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -298,13 +359,8 @@ class Trainer:
         with self._autocast():
             losses = self.method.training_step(batch, state or self.state())
         if not self._all_finite(losses):
-            message = (f"loss became NaN/inf at step {self.step} "
-                       f"({', '.join(f'{g}={float(l):.4g}' for g, l in losses.items())}); stopped. The last "
-                       f"good checkpoint is kept in {self.checkpoints}: lower train.lr or enable "
-                       f"train.clip_grad, then rerun with --resume")
-            if self.log:
-                self.log.log(message)
-            raise TrainingDiverged(message)
+            self._diverged(f"loss became NaN/inf at step {self.step} "
+                           f"({', '.join(f'{g}={float(l):.4g}' for g, l in losses.items())})")
         names = list(losses)
         for i, group in enumerate(names):
             self.engines[group].backward(losses[group], retain_graph=i < len(names) - 1)
@@ -419,14 +475,14 @@ class Trainer:
                     raise FileNotFoundError(f"train.statistics_file '{given}' does not exist: make it with "
                                             f"`tessera features stats CONFIG --out {given}`")
                 self.log.log(f"feature statistics from {given} -> {path.name}")
-                save_statistics(torch.load(given, map_location="cpu", weights_only=False), path)
+                save_statistics(load_statistics(given, "train.statistics_file"), path)
             else:
                 self.log.log(f"feature statistics over {self.train.statistics_batches} batches -> {path.name}")
                 save_statistics(compute_statistics(self.method, self.stream, self.train.statistics_batches,
                                                    self.device), path)
         if self.env.world_size > 1:
             dist.barrier()
-        self.method.set_statistics(torch.load(path, map_location="cpu", weights_only=False))
+        self.method.set_statistics(load_statistics(path))
 
     def _finish(self, batches) -> None:
         """final.pt: the weight average if there is one (SWA's with BatchNorm statistics recomputed on
@@ -440,9 +496,9 @@ class Trainer:
                 with self._autocast():  # the statistics of the activations training produced
                     _recompute_batchnorm(model, batches, self.train.swa.bn_batches, self.state(), self.device,
                                          self.dtype)
+        self._check_weights_finite("final.pt")
         if self.env.is_main:
-            torch.save({"method": self.config.method.model_dump(), "state": model.state_dict(), "averaged": averaged},
-                       self.run_dir / "final.pt")
+            save_final(self.config.method, model.state_dict(), averaged, self.run_dir / "final.pt")
             self.log.log(f"finished {self.total_steps} steps; {'averaged (' + averaged + ') ' if averaged else ''}"
                          f"weights in {self.run_dir / 'final.pt'}")
 
@@ -516,9 +572,17 @@ def compute_statistics(method, stream, batches: int, device: torch.device) -> di
 
 
 def save_statistics(stats: dict, path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    torch.save(stats, partial)
-    partial.replace(path)  # never a half-written file under the final name
+    save_file({"statistics": stats}, path, "tessera-statistics")  # never a half-written file under the final name
+
+
+def load_statistics(path: str | Path, what: str = "feature statistics") -> dict:
+    return load_file(path, "tessera-statistics", what)["statistics"]
+
+
+def save_final(method_config, state: dict, averaged: str | None, path: Path) -> Path:
+    """``final.pt``: the method's config as JSON text (never a pickled object) and its weights."""
+    return save_file({"method_json": json.dumps(method_config.model_dump(mode="json")), "state": state,
+                      "averaged": averaged}, path, "tessera-final")
 
 
 def run(run_dir: str | Path, resume: bool, until: int | None = None) -> dict:
@@ -530,17 +594,20 @@ def run(run_dir: str | Path, resume: bool, until: int | None = None) -> dict:
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
     env = DistEnv.from_env()
-    device = env.init()
-    trainer = Trainer(config, run_dir, env, device)
-    if resume:
-        trainer.load_checkpoint()
-    if until is None or until >= trainer.total_steps:
-        return trainer.fit()
-    trainer.advance(until, show_progress=False)
-    latest = trainer.checkpoints / "latest.json"
-    if not latest.is_file() or json.loads(latest.read_text())["step"] != trainer.step:
-        trainer.save_checkpoint()
-    return {"step": trainer.step}
+    # One trainer per run directory, held by the main rank for the whole run (and dropped by the kernel
+    # if it dies): a second `--resume` beside a live run is refused instead of writing the same checkpoints.
+    with RunLock(run_dir) if env.is_main else contextlib.nullcontext():
+        device = env.init()
+        trainer = Trainer(config, run_dir, env, device)
+        if resume:
+            trainer.load_checkpoint()
+        if until is None or until >= trainer.total_steps:
+            return trainer.fit()
+        trainer.advance(until, show_progress=False)
+        latest = trainer.checkpoints / "latest.json"
+        if not latest.is_file() or json.loads(latest.read_text())["step"] != trainer.step:
+            trainer.save_checkpoint()
+        return {"step": trainer.step}
 
 
 def load_latest(run_dir: str | Path, device: torch.device = torch.device("cpu")):
@@ -555,9 +622,7 @@ def load_latest(run_dir: str | Path, device: torch.device = torch.device("cpu"))
     torch.manual_seed(config.seed)
     method = create_method(config.method.name, config.method.options)
     for group, module in method.groups().items():
-        state = torch.load(run_dir / "checkpoints" / group / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)
-        module.load_state_dict(state["module"])
+        module.load_state_dict(load_engine_weights(run_dir / "checkpoints" / group / tag))
     if hasattr(method, "set_statistics") and (run_dir / STATISTICS_FILE).is_file():
-        method.set_statistics(torch.load(run_dir / STATISTICS_FILE, map_location="cpu", weights_only=False))
+        method.set_statistics(load_statistics(run_dir / STATISTICS_FILE))
     return config, method.to(device).eval()

@@ -120,3 +120,78 @@ def join_run_dir(config: StrictConfig, name: str, path: str | Path, timeout: flo
             raise TimeoutError(f"run directory '{path}' exists but its config.yaml did not appear within "
                                f"{timeout:.0f} s")
         time.sleep(0.2)
+
+
+def record_resume_overrides(path: Path, config: StrictConfig, overrides: list[str], command: list[str]) -> None:
+    """A resume with ``--set``: config.yaml becomes the config the run continues with (written whole, then
+    renamed); ``overrides.jsonl`` keeps when and from which step each change applied, and command.txt every
+    command, so the directory still says how its weights were made."""
+    import os
+
+    latest = path / "checkpoints" / "latest.json"
+    step = json.loads(latest.read_text())["step"] if latest.is_file() else 0
+    with open(path / "overrides.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), "from_step": step, "set": overrides}) + "\n")
+    partial = path / f".config.yaml.{os.getpid()}.partial"
+    partial.write_text(config.to_yaml())
+    partial.replace(path / "config.yaml")
+    with open(path / "command.txt", "a", encoding="utf-8") as f:
+        f.write(shlex.join(command) + "\n")
+
+
+class RunLocked(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+class RunLock:
+    """One trainer per run directory: an exclusive ``flock`` on ``RUN_DIR/.train.lock``, which also holds
+    the holder's pid and host for the message. The kernel drops the lock when its holder dies, however it
+    dies (kill -9 included), so a stale lock never blocks a resume; a live one is never taken over."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".train.lock"
+        self._file = None
+
+    def holder(self) -> str | None:
+        """Who holds the lock ("pid 123 on host"), or None when it is free (checked without taking it)."""
+        if self._file is not None:
+            return None
+        try:
+            self.acquire()
+        except RunLocked as exc:
+            return str(exc.args[1]) if len(exc.args) > 1 else "another process"
+        self.release()
+        return None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import os
+        import socket
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            who = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLocked(f"run directory '{self.path.parent}' is being trained by {who}; wait for it to "
+                            f"finish or stop it (`kill {who.split()[1] if who.startswith('pid ') else 'PID'}`) "
+                            f"before resuming", who) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

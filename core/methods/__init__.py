@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pydantic import model_validator
+from pydantic import ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from core.config import StrictConfig
 
@@ -80,5 +81,13 @@ class MethodConfig(StrictConfig):
         except KeyError as exc:
             raise ValueError(str(exc).strip("'\"")) from None
         # Fill the method's defaults so the resolved config spells every option out.
-        options = method.Config.model_validate(data.get("options") or {}).model_dump(mode="json")
+        try:
+            options = method.Config.model_validate(data.get("options") or {}).model_dump(mode="json")
+        except ValidationError as exc:
+            # Keep each problem's own key (method.options.<key>) and the method's option names for hints;
+            # tessera.config turns them into one line each, blamed on the file or --set that gave them.
+            raise PydanticCustomError("method_options", "invalid options of method '{method}'", {
+                "method": name, "fields": sorted(method.Config.model_fields),
+                "errors": [{"loc": list(e["loc"]), "type": e["type"], "msg": e["msg"], "input": e.get("input")}
+                           for e in exc.errors()]}) from None
         return {**data, "options": options}

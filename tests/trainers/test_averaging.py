@@ -15,6 +15,7 @@ from core.methods import register_method
 from core.schedule import growth_at
 from tessera.config import load_config
 from trainers.dist import DistEnv
+from trainers.files import load_file
 from trainers.loop import Trainer
 from trainers.run_dir import create_run_dir
 
@@ -149,7 +150,7 @@ def test_swa_averages_the_cycle_minima_and_resumes_mid_phase(make_trainer):
     whole.fit()
     assert isinstance(whole.engines["model"].client_optimizer, torch.optim.SGD)
     assert len(whole.snapshots) == 2
-    final = torch.load(whole.run_dir / "final.pt", weights_only=False)
+    final = load_file(whole.run_dir / "final.pt", "tessera-final")
     assert final["averaged"] == "swa"
     for key in whole.snapshots[0]:
         torch.testing.assert_close(final["state"][key], (whole.snapshots[0][key] + whole.snapshots[1][key]) / 2)
@@ -168,7 +169,7 @@ def test_swa_averages_the_cycle_minima_and_resumes_mid_phase(make_trainer):
     resumed = make_trainer(*SWA, name="cut")
     assert resumed.load_checkpoint() and resumed.phase == "swa"
     resumed.fit()
-    again = torch.load(resumed.run_dir / "final.pt", weights_only=False)["state"]
+    again = load_file(resumed.run_dir / "final.pt", "tessera-final")["state"]
     for key, value in final["state"].items():
         assert torch.equal(value, again[key]), key
 

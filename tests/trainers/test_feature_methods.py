@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainers.files import load_file
+from trainers.loop import load_statistics
+
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {"dpa": "{resolution: 32, base: 4, max_channels: 16, latent: 8, net: efficientnet_lite0, "
                   "layers: [reduction1, reduction2]}",
@@ -35,8 +38,8 @@ def sets(store, method, *extra):
 def test_statistics_are_computed_once_and_saved_with_the_model(sample_store, tmp_path, method):
     run_dir = tmp_path / "run"
     tessera("train", "--run-dir", str(run_dir), *sets(sample_store, method))
-    stats = torch.load(run_dir / "feature_stats.pt", weights_only=False)
-    final = torch.load(run_dir / "final.pt", weights_only=False)["state"]
+    stats = load_statistics(run_dir / "feature_stats.pt")
+    final = load_file(run_dir / "final.pt", "tessera-final")["state"]
     assert not [key for key in final if key.startswith(("features.", "source."))]  # pretrained: reloaded
     if method == "dpa":
         assert set(stats) == {"reduction1", "reduction2"}
@@ -55,7 +58,7 @@ def test_features_stats_command_feeds_training(sample_store, tmp_path):
     assert "reduction2" in printed and out.is_file()
     run_dir = tmp_path / "run"
     tessera("train", "--run-dir", str(run_dir), *sets(sample_store, "dpa", f"train.statistics_file={out}"))
-    given, used = torch.load(out, weights_only=False), torch.load(run_dir / "feature_stats.pt", weights_only=False)
+    given, used = load_statistics(out), load_statistics(run_dir / "feature_stats.pt")
     assert given["reduction1"]["count"] == used["reduction1"]["count"] > 0
     torch.testing.assert_close(given["reduction2"]["mean"], used["reduction2"]["mean"])
     assert "feature statistics from" in (run_dir / "log.txt").read_text()

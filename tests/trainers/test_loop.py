@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainers.files import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["data.stream.crop=random", "data.stream.crop_size=32", "data.stream.min_tissue_fraction=0.3",
          "train.micro_batch=4", "train.num_workers=1", "train.log_every=5",
@@ -31,7 +33,7 @@ def run(command, **kwargs):
 
 
 def final_weights(run_dir):
-    return torch.load(Path(run_dir) / "final.pt", weights_only=False)["state"]
+    return load_file(Path(run_dir) / "final.pt", "tessera-final")["state"]
 
 
 @pytest.mark.parametrize("zero_stage,precision", [(1, "fp32"), (2, "fp32"), (0, "bf16-mixed")])
@@ -106,3 +108,72 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(sample_store, tmp_
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert not (run_dir / "final.pt").exists()
     assert "NaN/inf" in (run_dir / "log.txt").read_text()
+
+
+def test_non_finite_weights_are_never_checkpointed_and_a_resume_at_a_lower_lr_recovers(sample_store, tmp_path):
+    """At a huge learning rate BatchNorm's running_var overflows while the loss stays finite: the run must
+    stop (exit 3) before that checkpoint, and `--resume --set train.lr=…`, as the message advises, recovers."""
+    run_dir = tmp_path / "run"
+    steps = ["train.steps=4", "train.checkpoint_every=2", "train.log_every=1"]
+    assert run(train_command(sample_store, run_dir, *steps, nproc=1)).returncode == 0
+    resume = train_command(sample_store, run_dir, nproc=1, resume=True)
+    diverged = run(resume + ["--set", "train.lr=1e6", "--set", "train.steps=10"])
+    assert diverged.returncode == 3, diverged.stderr[-2000:]
+    assert "weights became NaN/inf" in diverged.stderr and "running_var" in diverged.stderr
+    assert "--resume --set train.lr=" in diverged.stderr
+    assert not (run_dir / "final.pt").exists()
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 4  # the step-6 checkpoint, which held inf, was never written
+    from trainers.files import load_engine_weights
+
+    weights = load_engine_weights(run_dir / "checkpoints" / "model" / latest["tag"])
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+    recovered = run(resume + ["--set", "train.lr=2e-3"])
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr/model"] for r in records if r["step"] > 4][-6:] == [2e-3] * 6  # the new rate, not the saved one
+    final = load_file(run_dir / "final.pt", "tessera-final")["state"]
+    assert all(torch.isfinite(w).all() for w in final.values() if w.is_floating_point())
+    overrides = [json.loads(line) for line in (run_dir / "overrides.jsonl").read_text().splitlines()]
+    assert overrides == [{"time": overrides[0]["time"], "from_step": 4, "set": ["train.lr=1e6", "train.steps=10"]},
+                         {"time": overrides[1]["time"], "from_step": 4, "set": ["train.lr=2e-3"]}]
+    assert "lr: 0.002" in (run_dir / "config.yaml").read_text()
+    refused = run(resume + ["--set", "train.micro_batch=3"])
+    assert refused.returncode == 2 and "keys that leave the checkpoint valid" in refused.stderr
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_a_killed_launcher_takes_its_ranks_and_a_live_run_keeps_its_lock(sample_store, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_command(sample_store, run_dir, "train.steps=100000", "train.checkpoint_every=2"),
+                            cwd=ROOT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        latest = run_dir / "checkpoints" / "latest.json"
+        deadline = time.time() + 300
+        while time.time() < deadline and not latest.is_file():
+            time.sleep(0.1)
+        assert latest.is_file(), "no checkpoint within 5 minutes"
+        second = run(train_command(sample_store, run_dir, resume=True))
+        assert second.returncode == 2 and "is being trained by pid" in second.stderr, second.stderr[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)  # only `tessera train`: torchrun and the ranks must follow
+        proc.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and _group_alive(proc.pid):
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "torchrun or a rank outlived the killed launcher"
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = json.loads(latest.read_text())["step"]
+    resumed = run(train_command(sample_store, run_dir, resume=True) + ["--set", f"train.steps={step + 2}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from step{step:08d}" in (run_dir / "log.txt").read_text()
