@@ -65,6 +65,8 @@ class VolumeConfig(StrictConfig):
     percentiles: tuple[float, float] = (0.5, 99.5)    # intensities clipped to these percentiles, then scaled to [0, 1]
     nonzero_only: bool = True                         # percentiles over non-zero voxels (MRI background is 0)
     chunk: int = Field(64, ge=8)                      # chunk edge in voxels (chunks of chunk³)
+    nonfinite: Literal["error", "zero"] = "error"     # NaN/inf voxels: fail the volume naming the first one,
+                                                      # or store them as 0 (their count is recorded)
 
 
 class VolumeStreamConfig(StrictConfig):

@@ -84,20 +84,29 @@ def read_manifest_csv(path: Path) -> list[Source]:
         if "path" not in columns or unknown:
             raise SourceError(f"manifest CSV '{path}': columns must be among {', '.join(MANIFEST_COLUMNS)} "
                               f"with 'path' required; got {', '.join(columns) or 'none'}")
-        sources = []
+        sources, problems = [], []
         for line, row in enumerate(reader, start=2):
+            if None in row:  # more cells than columns
+                problems.append(f"line {line}: {len(row[None])} cell(s) more than the {len(columns)} columns")
+                continue
             row = {k.strip(): (v or "").strip() for k, v in row.items()}
             label, split = row.get("label") or "normal", row.get("split") or "train"
-            if label not in LABELS or split not in SPLITS:
-                raise SourceError(f"manifest CSV '{path}' line {line}: label must be one of {LABELS} and split "
-                                  f"one of {SPLITS}; got label={label!r}, split={split!r}")
-            slide = (path.parent / row["path"]).resolve() if row["path"] else None
-            if slide is None:
-                raise SourceError(f"manifest CSV '{path}' line {line}: empty path")
+            bad = [f"line {line}, column {column}: {value!r} is not one of {', '.join(allowed)}"
+                   for column, value, allowed in (("label", label, LABELS), ("split", split, SPLITS))
+                   if value not in allowed]
+            if not row.get("path"):
+                bad.append(f"line {line}, column path: empty")
+            if bad:
+                problems += bad
+                continue
+            slide = (path.parent / row["path"]).resolve()
             extra = row.get("annotation") or row.get("mask")
             annotation = (path.parent / extra).resolve() if extra else None
             item_id = row.get("id") or row.get("slide_id") or row.get("volume_id") or None
             sources.append(source_for(slide, label, split, annotation, row.get("group", ""), item_id))
+    if problems:  # every bad row at once, so the CSV is fixed in one go; nothing is ingested
+        raise SourceError(f"manifest CSV '{path}' has {len(problems)} problem(s); nothing was ingested:\n  "
+                          + "\n  ".join(problems))
     return sources
 
 
@@ -124,11 +133,15 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def config_digest(config: DataConfig) -> str:
-    """What decides a slide's content in the store; a change means re-ingesting."""
-    relevant = {k: config.model_dump(mode="json")[k] for k in ("tissue", "tiles", "annotations", "stain")}
-    relevant["chunk"] = config.ingest.chunk or config.tiles.size
-    relevant["max_levels"] = config.ingest.max_levels
+def config_digest(config: DataConfig, kind: str = "slide") -> str:
+    """What decides an item's content in the store; a change means re-ingesting it."""
+    dumped = config.model_dump(mode="json")
+    if kind == "volume":
+        relevant = {"volumes": dumped["volumes"]}
+    else:
+        relevant = {k: dumped[k] for k in ("tissue", "tiles", "annotations", "stain")}
+        relevant["chunk"] = config.ingest.chunk or config.tiles.size
+        relevant["max_levels"] = config.ingest.max_levels
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -393,7 +406,7 @@ def ingest_item_safely(source: Source, store: str, config: DataConfig, progress=
             entry = ingest_volume(source, store, config, progress)
         else:
             entry = ingest_slide(source, store, config, progress)
-        return {**entry, "kind": source.kind, "config": config_digest(config)}
+        return {**entry, "kind": source.kind, "config": config_digest(config, source.kind)}
     except Exception as exc:
         reason = str(exc) if isinstance(exc, (IngestError, ValueError)) else \
             f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
@@ -460,7 +473,7 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
     root = init_store(store)
     workers = workers or config.ingest.workers
     ray_address = ray_address or config.ingest.ray_address
-    digest = config_digest(config)
+    digests = {kind: config_digest(config, kind) for kind in ("slide", "volume")}
     report = IngestReport()
     with _Lock(root):
         shutil.rmtree(root / ".partial", ignore_errors=True)  # leftovers of an interrupted run
@@ -468,14 +481,17 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
         manifest.data["config"] = config.model_dump(mode="json")
         seen: dict[str, Path] = {}
         todo: list[Source] = []
+        manifest.data["rejected"] = {}  # sources this ingest refused before reading them, by path
         for source in sources:
             if source.item_id in seen:
                 reason = (f"id '{source.item_id}' is already used by '{seen[source.item_id]}'; "
                           f"rename one file or give it an id in the manifest CSV")
                 report.failed[f"{source.item_id} ({source.path})"] = reason
+                manifest.data["rejected"][str(source.path)] = {"id": source.item_id, "status": "failed",
+                                                               "reason": reason}
                 continue
             seen[source.item_id] = source.path
-            if _unchanged(manifest.items.get(source.item_id), source, root, digest):
+            if _unchanged(manifest.items.get(source.item_id), source, root, digests[source.kind]):
                 report.skipped.append(source.item_id)
             else:
                 todo.append(source)
@@ -491,6 +507,9 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
                 bar.update(per_slide[item_id], completed=done, total=total)
 
             def finish(source: Source, entry: dict) -> None:
+                if entry["status"] != "done" and _remove_item(root, source):
+                    entry = {**entry, "reason": f"{entry['reason']} (its earlier version was removed from the "
+                                                f"store, so the index holds no tiles of a failed item)"}
                 manifest.record(source.item_id, entry)
                 if entry["status"] == "done":
                     report.done.append(source.item_id)
@@ -508,6 +527,16 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
         report.volumes = rebuild_volume_index(root)
         manifest.save()
     return report
+
+
+def _remove_item(root: Path, source: Source) -> bool:
+    """Drop an item's earlier version (pixels and index rows) after its re-ingest failed: the manifest now
+    says failed, and the tile index, rebuilt from what is present, must agree. Returns whether one existed."""
+    folder, index = ("volumes", "volume_index") if source.kind == "volume" else ("slides", "index")
+    existed = (root / folder / source.item_id).exists()
+    (root / index / f"{source.item_id}.parquet").unlink(missing_ok=True)
+    shutil.rmtree(root / folder / source.item_id, ignore_errors=True)
+    return existed
 
 
 class _ProgressBoard:

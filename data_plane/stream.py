@@ -234,8 +234,18 @@ class ShardedStream(IterableDataset):
             return np.arange(self.num_items())
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_items())
 
+    def _share(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's items of an epoch. The endless training stream pads the epoch's order by wrapping
+        round to a multiple of world_size (as torch's DistributedSampler does), so every rank has as many
+        items, hence as many batches, per epoch and an epoch means the same on every rank; a finite stream
+        (evaluation) never repeats an item."""
+        order = self.epoch_order(epoch)
+        if getattr(self, "_endless_from", None) is not None and self.world_size > 1 and len(order):
+            order = np.resize(order, -(-len(order) // self.world_size) * self.world_size)
+        return order[self.rank::self.world_size]
+
     def _batches(self) -> list[np.ndarray]:
-        share = self.epoch_order()[self.rank::self.world_size]
+        share = self._share()
         size = self.batch_size
         return [share[i:i + size] for i in range(0, len(share), size)][self._skip_batches:]
 
@@ -260,8 +270,7 @@ class ShardedStream(IterableDataset):
         return self
 
     def batches_per_epoch(self) -> int:
-        share = len(self.epoch_order(0)[self.rank::self.world_size])
-        return -(-share // self.batch_size)
+        return -(-len(self._share(0)) // self.batch_size)
 
     def _emit_endless(self, make_item):
         from torch.utils.data import default_collate

@@ -34,14 +34,91 @@ def volume_id_of(path: Path) -> str:
     return name
 
 
-def _load(path: Path, what: str):
-    """A (1, i, j, k) MetaTensor in RAS via MONAI; errors say what was wrong with which file."""
+def check_dicom_series(folder: Path) -> None:
+    """Refuse a DICOM folder that is not one whole, evenly spaced series: MONAI reads what it can and only
+    warns, so a truncated file would silently drop a slice and change the z spacing. Checks every file's
+    pixel data, one series, one size and orientation, consecutive instance numbers and even slice spacing;
+    the error names the files."""
+    import pydicom
+
+    from data_plane.ingest import IngestError
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")
+    problems, slices = [], []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+            expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * \
+                int(ds.BitsAllocated) // 8 * int(ds.get("NumberOfFrames", 1) or 1)
+            compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+            if "PixelData" not in ds or (not compressed and len(ds.PixelData) < expected):
+                raise ValueError(f"{len(ds.get('PixelData', b''))} of {expected} pixel bytes")
+            orientation = np.asarray(ds.ImageOrientationPatient, float)
+            position = np.asarray(ds.ImagePositionPatient, float)
+        except Exception as exc:  # pydicom raises many kinds on a cut or corrupt file
+            problems.append(f"'{path.name}' is truncated or corrupt ({type(exc).__name__}: {exc})")
+            continue
+        slices.append({"file": path.name, "series": ds.get("SeriesInstanceUID"), "size": (ds.Rows, ds.Columns),
+                       "orientation": orientation, "position": position, "instance": ds.get("InstanceNumber")})
+    if problems:
+        raise IngestError(f"DICOM series '{folder.name}': " + "; ".join(problems[:5])
+                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                          + ": replace the file(s) or remove them and their slices knowingly")
+    if not slices:
+        raise IngestError(f"DICOM series '{folder.name}' holds no readable .dcm file")
+
+    def differing(key, what, same):
+        first = slices[0][key]
+        odd = [s["file"] for s in slices if not same(s[key], first)]
+        if odd:
+            raise IngestError(f"DICOM series '{folder.name}' mixes {what}: {', '.join(odd[:5])} differ from "
+                              f"'{slices[0]['file']}' ({first}); keep one whole series per folder")
+
+    differing("series", "series (SeriesInstanceUID)", lambda a, b: a == b)
+    differing("size", "image sizes", lambda a, b: a == b)
+    differing("orientation", "orientations", lambda a, b: np.allclose(a, b, atol=1e-4))
+    instances = sorted(int(s["instance"]) for s in slices if s["instance"] is not None)
+    if len(instances) == len(slices):
+        missing = sorted(set(range(instances[0], instances[-1] + 1)) - set(instances))
+        if missing:
+            raise IngestError(f"DICOM series '{folder.name}' misses instance number(s) {missing[:10]} of "
+                              f"{instances[0]}–{instances[-1]}: a slice file is missing")
+    normal = np.cross(slices[0]["orientation"][:3], slices[0]["orientation"][3:])
+    ordered = sorted(slices, key=lambda s: float(s["position"] @ normal))
+    gaps = np.diff([float(s["position"] @ normal) for s in ordered])
+    if len(gaps) and (np.abs(gaps - np.median(gaps)) > max(1e-3, 0.01 * abs(np.median(gaps)))).any():
+        at = int(np.argmax(np.abs(gaps - np.median(gaps))))
+        raise IngestError(f"DICOM series '{folder.name}' is not evenly spaced: {gaps[at]:.3g} mm between "
+                          f"'{ordered[at]['file']}' and '{ordered[at + 1]['file']}' against {np.median(gaps):.3g} mm "
+                          f"elsewhere (a missing or duplicated slice?)")
+
+
+def _count_nonfinite(voxels: np.ndarray, name: str, policy: str) -> int:
+    """NaN/inf voxels would turn the percentile clip, hence the whole stored volume, into NaN: raise under
+    policy 'error', else return how many there are (the caller zeroes them)."""
+    from data_plane.ingest import IngestError
+
+    bad = ~np.isfinite(voxels)
+    count = int(bad.sum())
+    if count and policy == "error":
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise IngestError(f"volume '{name}' has {count} non-finite voxel(s) (NaN or inf), the first at voxel "
+                          f"{first} (i, j, k of the file): fix the file, or set data.volumes.nonfinite: zero "
+                          f"to store them as 0")
+    return count
+
+
+def _load(path: Path, what: str, nonfinite: str = "error"):
+    """A (1, i, j, k) MetaTensor in RAS via MONAI, with the count of non-finite voxels set to 0 (policy
+    ``nonfinite``); errors say what was wrong with which file."""
     from monai.transforms import LoadImage, Orientation
 
     from data_plane.ingest import IngestError
 
     if not path.exists():
         raise IngestError(f"{what} '{path}' does not exist")
+    if path.is_dir():
+        check_dicom_series(path)
     reader = "PydicomReader" if path.is_dir() else "NibabelReader"
     try:
         image = LoadImage(image_only=True, ensure_channel_first=False, reader=reader)(str(path))
@@ -55,8 +132,13 @@ def _load(path: Path, what: str):
         raise IngestError(f"{what} '{path.name}' has shape {shape}: a 3D volume was expected "
                           f"({'4D series' if image.ndim == 4 else f'{image.ndim}D image'}); split it first")
     original_affine = np.asarray(image.affine, np.float64)
+    nonfinite_count = _count_nonfinite(np.asarray(image), path.name, nonfinite)
+    if nonfinite_count:
+        import torch
+
+        image = torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)  # a MetaTensor: the affine stays
     image = Orientation(axcodes="RAS")(image[None])
-    return image, original_affine, shape
+    return image, original_affine, shape, nonfinite_count
 
 
 def _normalise(voxels: np.ndarray, config) -> tuple[np.ndarray, dict]:
@@ -82,11 +164,11 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
 
     started = time.time()
     root = Path(store)
-    image, original_affine, original_shape = _load(source.path, "volume")
+    image, original_affine, original_shape, nonfinite = _load(source.path, "volume", config.volumes.nonfinite)
     stat_size = sum(p.stat().st_size for p in source.path.iterdir()) if source.path.is_dir() else source.path.stat().st_size
     mask = None
     if source.annotation is not None:
-        mask, _, mask_shape = _load(source.annotation, "mask")
+        mask, _, mask_shape, _ = _load(source.annotation, "mask", "zero")
         if mask_shape[:3] != original_shape[:3]:
             raise IngestError(f"mask '{source.annotation.name}' has shape {mask_shape[:3]} but volume "
                               f"'{source.path.name}' has {original_shape[:3]}: they must share one voxel grid")
@@ -118,7 +200,7 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
         "split": source.split, "group": source.group, "orientation": "RAS", "axes": "zyx",
         "affine": affine.tolist(), "spacing_xyz": zooms.tolist(), "shape_zyx": list(normalised.shape),
         "original_affine": original_affine.tolist(), "original_shape": list(original_shape[:3]),
-        "normalisation": record, "has_mask": mask is not None,
+        "normalisation": record, "has_mask": mask is not None, "nonfinite_voxels_zeroed": nonfinite,
         # Non-zero fraction of every slice along z, y and x: slice streams skip empty ones without reading.
         "slice_foreground": [np.round((normalised > 0).mean(axis=axes), 4).tolist()
                              for axes in ((1, 2), (0, 2), (0, 1))],

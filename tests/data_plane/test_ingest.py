@@ -127,8 +127,10 @@ def test_bad_inputs_fail_alone_with_reasons(tmp_path, make_slide, sample_data, d
     assert "does not exist" in reasons["missing"]
     assert "entirely outside the slide" in reasons["annotated"]
     assert any("already used by" in reason for key, reason in reasons.items() if key.startswith("good ("))
-    manifest = json.loads((store / "manifest.json").read_text())["items"]
+    recorded = json.loads((store / "manifest.json").read_text())
+    manifest = recorded["items"]
     assert manifest["good"]["status"] == "done" and manifest["blank"]["status"] == "failed"
+    assert "already used by" in recorded["rejected"][str(duplicate)]["reason"]  # the duplicate is on record too
     # Nothing half-written is left looking complete.
     assert sorted(p.name for p in (store / "slides").iterdir() if p.is_dir()) == ["good"]
     assert set(pd.read_parquet(store / "tiles.parquet")["slide_id"]) == {"good"}
@@ -157,9 +159,31 @@ def test_manifest_csv(tmp_path, make_slide):
     csv.write_text("path,lable\na.svs,normal\n")
     with pytest.raises(SourceError, match="columns must be among"):
         read_manifest_csv(csv)
-    csv.write_text("path,label\na.svs,tumour\n")
-    with pytest.raises(SourceError, match="line 2: label must be one of"):
+    csv.write_text("path,label,split\na.svs,tumour,train\na.svs,normal,train\n,normal,tset\na.svs,normal,val,x\n")
+    with pytest.raises(SourceError) as error:
         read_manifest_csv(csv)
+    message = str(error.value)  # every bad row, each with its column, value and the allowed values
+    assert "4 problem(s); nothing was ingested" in message
+    assert "line 2, column label: 'tumour' is not one of normal, anomalous" in message
+    assert "line 4, column split: 'tset' is not one of train, val, test" in message
+    assert "line 4, column path: empty" in message and "line 5: 1 cell(s) more" in message
+    assert "line 3" not in message
+
+
+def test_a_reingest_that_fails_leaves_no_tiles_of_that_slide(tmp_path, make_slide, data_config):
+    good = make_slide(tmp_path / "a.svs", height=1024, width=1024, centre=(512, 512), radius=400)
+    other = make_slide(tmp_path / "b.svs", height=1024, width=1024, centre=(512, 512), radius=300)
+    store = tmp_path / "s.zarr"
+    report = ingest(resolve_sources([str(good), str(other)]), store, data_config(), show_progress=False)
+    assert sorted(report.done) == ["a", "b"]
+    good.write_bytes(good.read_bytes()[:5000])  # replaced by a truncated file
+    report = ingest(resolve_sources([str(good), str(other)]), store, data_config(), show_progress=False)
+    assert list(report.failed) == ["a"] and report.skipped == ["b"]
+    assert "earlier version was removed" in report.failed["a"]
+    manifest = json.loads((store / "manifest.json").read_text())["items"]
+    assert manifest["a"]["status"] == "failed"
+    assert set(pd.read_parquet(store / "tiles.parquet")["slide_id"]) == {"b"}
+    assert not (store / "slides" / "a").exists() and not (store / "index" / "a.parquet").exists()
 
 
 INTERRUPTIBLE = """

@@ -253,3 +253,23 @@ def test_endless_stream_is_the_epochs_in_order_and_resumes_anywhere(sample_store
     assert [int(b["epoch"]) for b in got] == [i // per_epoch for i in range(len(expected))]
     resumed = endless(per_epoch + 2, 5)
     assert [b["index"].tolist() for b in resumed] == expected[per_epoch + 2: per_epoch + 7]
+
+
+def test_endless_ranks_stay_in_the_same_epoch_when_shares_straddle_a_batch(sample_store):
+    """47 tiles on 2 ranks with micro batch 23: shares of 24 and 23 tiles would give 2 and 1 batches per
+    epoch, and the ranks would drift into different epochs. Padding by wrapping keeps them together."""
+    from itertools import islice
+
+    config = StreamConfig(min_tissue_fraction=0.0, seed=3)
+    tiles = len(TileStream(sample_store, config).tiles)
+    assert tiles == 47
+    per_rank = []
+    for rank in (0, 1):
+        stream = TileStream(sample_store, config, rank=rank, world_size=2).batched(23).endless(0)
+        per_rank.append(list(islice(DataLoader(stream, batch_size=None), 12)))
+    for a, b in zip(*per_rank):
+        assert int(a["epoch"]) == int(b["epoch"]) and int(a["global_batch"]) == int(b["global_batch"])
+    assert [int(b["epoch"]) for b in per_rank[0]] == [i // 2 for i in range(12)]
+    for epoch in range(6):  # every tile in every epoch, one repeated to even the shares
+        seen = [i for rank in per_rank for b in rank[2 * epoch: 2 * epoch + 2] for i in b["index"].tolist()]
+        assert len(seen) == 48 and set(seen) == set(range(47))

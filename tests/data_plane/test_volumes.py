@@ -192,3 +192,65 @@ def test_dicom_series_folder_is_one_volume(tmp_path, data_config):
     source = np.round(volume)
     expected = np.sort(((source - source.min()) / (source.max() - source.min())).ravel())
     np.testing.assert_allclose(np.sort(image.ravel()), expected, atol=1e-5)
+
+
+def test_nonfinite_voxels_fail_the_volume_or_are_zeroed_by_policy(tmp_path, data_config):
+    original = nibabel.load(NIBABEL_DATA / "anatomical.nii")
+    data = np.asarray(original.dataobj, np.float32)
+    broken = data.copy()
+    broken[10, 20, 5] = np.nan
+    broken[11, 20, 5] = np.inf
+    nibabel.save(nibabel.Nifti1Image(broken, original.affine), tmp_path / "holes.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(data, original.affine), tmp_path / "whole.nii.gz")
+    sources = resolve_sources([str(tmp_path / "holes.nii.gz"), str(tmp_path / "whole.nii.gz")])
+    store = tmp_path / "s.zarr"
+    report = ingest(sources, store, data_config(), show_progress=False)
+    assert report.done == ["whole"]
+    assert "2 non-finite voxel(s)" in report.failed["holes"] and "(10, 20, 5)" in report.failed["holes"]
+    manifest = json.loads((store / "manifest.json").read_text())["items"]
+    assert manifest["holes"]["status"] == "failed" and not (store / "volumes" / "holes").exists()
+    assert list(volume_index(store)["volume_id"]) == ["whole"]
+
+    report = ingest(sources, store, data_config("data.volumes.nonfinite=zero"), show_progress=False)
+    assert sorted(report.done) == ["holes", "whole"]
+    image = stored(store, "holes")[:]
+    assert np.isfinite(image).all() and image.max() == 1.0
+    info = zarr.open_group(str(store / "volumes" / "holes"), mode="r").attrs["tessera"]
+    assert info["nonfinite_voxels_zeroed"] == 2
+
+
+def test_dicom_series_that_is_not_whole_fails_naming_the_files(tmp_path, data_config):
+    import shutil
+
+    import pydicom
+
+    volume = np.round(np.random.default_rng(0).uniform(0, 1000, (24, 20, 8))).astype(np.int16)
+    whole = write_dicom_series(tmp_path / "whole", volume)
+    truncated = shutil.copytree(whole, tmp_path / "truncated")
+    cut = truncated / "slice_003.dcm"
+    cut.write_bytes(cut.read_bytes()[:-300])
+    missing = shutil.copytree(whole, tmp_path / "missing")
+    (missing / "slice_004.dcm").unlink()
+    uneven = shutil.copytree(whole, tmp_path / "uneven")
+    for path in sorted(uneven.glob("*.dcm"))[5:]:  # slices 5.. shifted by 1 mm: a 3 mm gap, renumbering kept
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [0.0, 0.0, float(ds.ImagePositionPatient[2]) + 1.0]
+        ds.save_as(path, enforce_file_format=True)
+    resized = shutil.copytree(whole, tmp_path / "resized")
+    small = write_dicom_series(tmp_path / "small", volume[:12])
+    odd = pydicom.dcmread(small / "slice_002.dcm")
+    odd.SeriesInstanceUID = pydicom.dcmread(whole / "slice_002.dcm").SeriesInstanceUID
+    odd.save_as(resized / "slice_002.dcm", enforce_file_format=True)
+    foreign = shutil.copytree(whole, tmp_path / "foreign")
+    shutil.copy(small / "slice_002.dcm", foreign / "slice_002.dcm")
+
+    sources = resolve_sources([str(p) for p in (whole, truncated, missing, uneven, resized, foreign)])
+    report = ingest(sources, tmp_path / "s.zarr", data_config(), show_progress=False)
+    assert report.done == ["whole"]
+    assert "'slice_003.dcm' is truncated or corrupt" in report.failed["truncated"]
+    assert "misses instance number(s) [5]" in report.failed["missing"]
+    assert "not evenly spaced" in report.failed["uneven"] and "'slice_004.dcm' and 'slice_005.dcm'" in \
+        report.failed["uneven"]
+    assert "mixes image sizes: slice_002.dcm" in report.failed["resized"]
+    assert "mixes series (SeriesInstanceUID): slice_002.dcm" in report.failed["foreign"]
+    assert stored(tmp_path / "s.zarr", "whole").shape[0] == 8  # all eight slices, z first
