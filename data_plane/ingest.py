@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 
 from data_plane.config import DataConfig
-from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, ome_multiscales, \
-    rebuild_tile_index, rebuild_volume_index
+from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, is_storage_error, \
+    ome_multiscales, rebuild_tile_index, rebuild_volume_index
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 MANIFEST_COLUMNS = ("path", "id", "slide_id", "volume_id", "label", "split", "annotation", "mask", "group")
@@ -408,6 +408,9 @@ def ingest_item_safely(source: Source, store: str, config: DataConfig, progress=
             entry = ingest_slide(source, store, config, progress)
         return {**entry, "kind": source.kind, "config": config_digest(config, source.kind)}
     except Exception as exc:
+        if is_storage_error(exc, store):  # the store cannot be written: stop, the other items would fail too
+            shutil.rmtree(Path(store) / ".partial" / source.item_id, ignore_errors=True)
+            raise
         reason = str(exc) if isinstance(exc, (IngestError, ValueError)) else \
             f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
         shutil.rmtree(Path(store) / ".partial" / source.item_id, ignore_errors=True)
@@ -588,6 +591,8 @@ def _ingest_with_ray(todo: list[Source], root: Path, config: DataConfig, workers
                 try:
                     entry = ray.get(ref)
                 except Exception as exc:  # the worker process died (e.g. out of memory)
+                    if is_storage_error(getattr(exc, "cause", None) or exc, root):
+                        raise getattr(exc, "cause", None) or exc from None
                     entry = {"status": "failed", "kind": source.kind, "source": str(source.path),
                              "reason": f"worker died while ingesting: {type(exc).__name__}: {exc}"}
                 finish(source, entry)

@@ -26,6 +26,7 @@ slide under ``slides/`` is whole.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -33,6 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Errors of the place written to, not of one item: every later write would fail the same way, so the
+# whole command stops with one line saying where and what to do (tessera/cli.py), instead of each item
+# failing in turn.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 STORE_VERSION = 1
 BACKGROUND = 255  # fill value of pyramid levels: unwritten chunks read as white glass
@@ -61,16 +67,22 @@ def init_store(store: str | Path) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    partial.write_text(text)
-    partial.replace(path)
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)  # a write cut short (disk full) leaves nothing behind
 
 
 def atomic_write_parquet(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    pq.write_table(table, partial)
-    partial.replace(path)
+    try:
+        pq.write_table(table, partial)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class Manifest:
@@ -224,3 +236,14 @@ class LevelReader:
         if ey > sy and ex > sx:
             out[sy - y:ey - y, sx - x:ex - x] = self.array[sy:ey, sx:ex]
         return out
+
+
+def is_storage_error(exc: BaseException, root: str | Path | None = None) -> bool:
+    """An OSError of writing (read-only, no permission, disk full), under ``root`` when given (a source
+    file that cannot be read is the item's own failure)."""
+    if not isinstance(exc, OSError) or exc.errno not in STORAGE_ERRNOS:
+        return False
+    if root is None or exc.filename is None:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or root is None
+    return Path(str(exc.filename)).resolve().is_relative_to(Path(root).resolve())
+

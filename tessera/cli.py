@@ -102,8 +102,9 @@ def ingest(sources: list[str] = typer.Argument(None, help="Slides, NIfTI files, 
         _fail(f"--label must be normal|anomalous and --split train|val|test (got {label!r}, {split!r})")
     try:
         items = resolve_sources(sources or [], manifest, label=label, split=split, group=group)
-        report = run_ingest(items, store or resolved.data.store, resolved.data, workers=workers,
-                            ray_address=ray_address)
+        with _WritingTo(store or resolved.data.store):
+            report = run_ingest(items, store or resolved.data.store, resolved.data, workers=workers,
+                                ray_address=ray_address)
     except (SourceError, IngestError) as exc:
         _fail(str(exc))
     console = Console()
@@ -174,6 +175,7 @@ def train(config: Optional[Path] = ConfigArg,
         if run_dir is not None and run_dir.exists():
             _fail(f"run directory '{run_dir}' exists: add --resume to continue it, or choose another")
         resolved = _load(config, overrides)
+        _check_statistics_file(resolved)
         path = create_run_dir(resolved, resolved.name, resolved.runs_dir, path=run_dir).path
     typer.echo(f"run directory: {path}")
     if launch.in_process and "RANK" not in os.environ:
@@ -182,7 +184,8 @@ def train(config: Optional[Path] = ConfigArg,
         from trainers.run_dir import RunLocked
 
         try:
-            run(path, resume)
+            with _WritingTo(path):
+                run(path, resume)
         except TrainingDiverged as exc:
             _fail(str(exc), code=3)
         except (RunLocked, UnsafeFileError, FileNotFoundError) as exc:
@@ -197,6 +200,19 @@ def train(config: Optional[Path] = ConfigArg,
     if code:
         _fail(f"training failed (exit {code}); see {path / 'log.txt'}; rerun with --run-dir {path} --resume",
               code=code)
+
+
+def _check_statistics_file(resolved) -> None:
+    """A given train.statistics_file is read (safely) before any rank starts or any directory is made."""
+    if resolved.train.statistics_file is None:
+        return
+    from trainers.files import UnsafeFileError
+    from trainers.loop import load_statistics
+
+    try:
+        load_statistics(resolved.train.statistics_file, "train.statistics_file")
+    except (UnsafeFileError, FileNotFoundError) as exc:
+        _fail(str(exc))
 
 
 @app.command("eval")
@@ -232,8 +248,9 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         result = json.loads((run_dir / f"eval-{split}" / "metrics.json").read_text())
     else:
         try:
-            result = run_eval(run_dir, store, split, groups, score_smoothing=score_smoothing,
-                              normal_baseline=normal_baseline)
+            with _WritingTo(run_dir / f"eval-{split}"):
+                result = run_eval(run_dir, store, split, groups, score_smoothing=score_smoothing,
+                                  normal_baseline=normal_baseline)
         except (FileNotFoundError, NotImplementedError, ValueError) as exc:
             _fail(str(exc))
     overall = result["overall"]
@@ -448,6 +465,44 @@ jobs_app = typer.Typer(help="Follow jobs submitted with `tessera submit` (the re
 app.add_typer(jobs_app, name="jobs")
 
 
+CONFIG_COMMANDS = {"train", "tune", "ingest", "features", "config"}  # commands that read a config and --set
+
+
+def _check_job_config(command: list[str], workdir: Path) -> None:
+    """Validate the config a submitted command will load (its YAML, relative to --workdir, and its --set
+    overrides), so `tessera submit` refuses what the job would refuse, before it waits in a queue."""
+    from tessera.config import ConfigError, load_config, resumed_config
+
+    if not command or command[0] not in CONFIG_COMMANDS:
+        return
+    overrides, recipe, run_dir, resume, args = [], None, None, "--resume" in command, iter(command[1:])
+    for arg in args:
+        if arg == "--set":
+            overrides.append(next(args, ""))
+        elif arg.startswith("--set="):
+            overrides.append(arg.removeprefix("--set="))
+        elif arg in ("--run-dir", "--config"):
+            value = next(args, "")
+            run_dir, recipe = (Path(value), recipe) if arg == "--run-dir" else (run_dir, Path(value))
+        elif arg.startswith("--"):
+            continue
+        elif arg.endswith((".yaml", ".yml")) and recipe is None:
+            recipe = Path(arg)
+    try:
+        if resume and run_dir is not None:
+            path = run_dir if run_dir.is_absolute() else workdir / run_dir
+            if (path / "config.yaml").is_file():
+                resumed_config(path / "config.yaml", overrides)
+            return
+        if recipe is not None and not recipe.is_absolute():
+            recipe = workdir / recipe
+        if recipe is not None and not recipe.is_file():
+            _fail(f"config '{recipe}' does not exist (paths are relative to --workdir {workdir})")
+        load_config(recipe, overrides)
+    except ConfigError as exc:
+        _fail(f"the job's config is invalid, nothing was submitted:\n{exc}")
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def submit(command: list[str] = typer.Argument(..., help="The tessera command to run, after `--`, e.g. "
                                                           "`-- train configs/x.yaml --run-dir runs/x`."),
@@ -491,6 +546,7 @@ def submit(command: list[str] = typer.Argument(..., help="The tessera command to
         variables[key] = value
     if command and command[0] == "tessera":
         command = command[1:]  # `-- tessera train …` and `-- train …` mean the same
+    _check_job_config(command, workdir)  # a bad config fails here, not after hours in a queue
     try:
         spec = JobSpec(command=command, name=name, nodes=nodes, gpus_per_node=gpus_per_node,
                        tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task, mem_per_task=mem_per_task,
@@ -621,8 +677,53 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique part
     typer.echo(f"cancel requested for {record['id']} ({record['backend']} id {record['backend_id']})")
 
 
+class _WritingTo:
+    """Context: an OSError raised without a file name (zarr's and torch's writers drop it) is blamed on the
+    location this command writes to, so the one-line message says where."""
+
+    def __init__(self, location):
+        self.location = location
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if isinstance(exc, OSError) and exc.filename is None and self.location is not None:
+            exc.filename = str(self.location)
+        return False
+
+
+def storage_message(exc: OSError) -> str:
+    """One line for a write that failed because of where it writes: what, where, and what to do."""
+    import errno
+    import os
+
+    where = Path(str(exc.filename)).resolve() if exc.filename else None
+    place = f"'{where}'" if where else "the output location"
+    folder = where.parent if where else Path(".")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "the disk is full" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+        return (f"could not write {place}: {what}. Free space there (`df -h {folder}`) or choose another "
+                f"location, then run the same command again: finished items are kept and it resumes")
+    if exc.errno == errno.EROFS:
+        return (f"could not write {place}: the file system is read-only. Choose a writable location "
+                f"(--store, --run-dir or --out)")
+    return (f"could not write to {place}: {os.strerror(exc.errno).lower()}. Fix the permissions of {folder} or "
+            f"choose another location")
+
+
 def main() -> None:
-    app()
+    from data_plane.store import is_storage_error
+
+    try:
+        app()
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {storage_message(exc)}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -21,3 +21,34 @@ def sample_store(sample_data, tmp_path_factory):
     report = ingest(resolve_sources([str(sample_data.slide)]), store, load_config(None).data, show_progress=False)
     assert report.done == ["cmu_small_region"], report
     return store
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """A real small or read-only file system (tmpfs), for what a full disk or a read-only mount does to a
+    command. Needs root, as CI and the development machines run."""
+    import os
+    import subprocess
+
+    mounted = []
+
+    def mount(name: str, size: str = "64m", fill=None, read_only: bool = False):
+        point = tmp_path / name
+        point.mkdir()
+        if os.geteuid() != 0:
+            pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        if fill is not None:
+            fill(point)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+        return point
+
+    def resize(point, size: str):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(point)], check=True)
+
+    mount.resize = resize
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)

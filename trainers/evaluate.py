@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -445,8 +446,8 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
         method, _ = load_method(model)
         config = load_config(model / "config.yaml")
     else:
-        if not model.is_file():
-            raise FileNotFoundError(f"'{model}' is neither a run directory nor a `tessera export` file")
+        if not model.is_file() or not zipfile.is_zipfile(model):
+            raise ValueError(f"'{model}' is neither a run directory nor a `tessera export` file")
         bundle = load_file(model, EXPORT_FORMAT, "exported model")  # refuses anything that is not safe to read
         method, _ = load_method(model)
         config = RunConfig.model_validate(json.loads(bundle["config_json"]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 import numpy as np
@@ -60,6 +61,8 @@ def load_file(path: str | Path, kind: str | tuple[str, ...], what: str | None = 
     name = f"{what} '{path}'" if what else f"'{path}'"
     if not path.is_file():
         raise FileNotFoundError(f"{name} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not ours
+        raise UnsafeFileError(f"{name} is not a tessera file (not a torch zip archive, or truncated)")
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

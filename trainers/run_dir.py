@@ -49,7 +49,9 @@ class RunDir:
 
     def __init__(self, path: Path):
         self.path = path
-        self.logger = logging.getLogger(f"tessera.run.{path.name}")
+        # One logger per directory, by its full path: tune's reused workers open fold0/ of trial after trial,
+        # and a logger named by the folder alone would keep writing into the first trial's log.txt.
+        self.logger = logging.getLogger(f"tessera.run.{Path(path).resolve()}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         if not self.logger.handlers:

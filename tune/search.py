@@ -93,8 +93,7 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
     every = base["tune"]["report_every"]
     total = trainers[0].total_steps
     start = min(t.step for t in trainers)
-    for until in range(((start // every) + 1) * every, total + every, every):
-        until = min(until, total)
+    for until in _report_steps(start, every, total):
         rows = []
         for k, trainer in enumerate(trainers):
             trainer.advance(until, show_progress=False)
@@ -103,7 +102,27 @@ def run_trial(params: dict, base: dict, experiment: str) -> None:
             trainer.method.train()
             if until == total:
                 trainer.finish()  # final.pt: the fold's run is complete and reproducible on its own
+        _record_report(experiment / "trials" / trial_id, _report(until, rows))
         tune.report(_report(until, rows))
+
+
+def _report_steps(start: int, every: int, total: int) -> list[int]:
+    """The steps a trial reports at, from where its folds' checkpoints stand. A trial restarted with its
+    folds already at a report step (the driver was killed between the training and the report) reports
+    that step again first, so it never ends without a result."""
+    steps = [min(s, total) for s in range(((start // every) + 1) * every, total + every, every)]
+    again = [start] if start > 0 and (start % every == 0 or start == total) else []
+    return list(dict.fromkeys(again + steps))
+
+
+def _record_report(trial_dir: Path, report: dict) -> None:
+    """Append a report to the trial's own ``reports.jsonl`` (flushed to disk) before Ray hears of it: the
+    summary is built from these, so a driver killed mid-trial loses no report, and a trial Ray restarts
+    from its folds' checkpoints keeps the reports it made before (Ray rewrites its result.json)."""
+    with open(trial_dir / "reports.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **report}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _report(step: int, rows: list[dict]) -> dict:
@@ -145,8 +164,7 @@ def _multi_rank_trial(params: dict, base: dict, experiment: Path, folds, trial_i
     launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env["OMP_NUM_THREADS"] = str(max(1, int(base["tune"]["cpus_per_trial"] // workers)))
-    for until in range(((min(reached) // every) + 1) * every, total + every, every):
-        until = min(until, total)
+    for until in _report_steps(min(reached), every, total):
         rows = []
         for k, run_dir in enumerate(run_dirs):
             command = Launch(nproc=workers).command(run_dir, resume=True, until=until)
@@ -158,6 +176,7 @@ def _multi_rank_trial(params: dict, base: dict, experiment: Path, folds, trial_i
             config, method = load_latest(run_dir)
             rows.append(validate(method, config, folds, k))
             _write_json(run_dir / "val_scores.json", {"step": until, "scores": rows[-1].pop("scores")})
+        _record_report(experiment / "trials" / trial_id, _report(until, rows))
         tune.report(_report(until, rows))
 
 
@@ -263,19 +282,36 @@ def summarise(grid, base: dict, experiment: Path, folds) -> dict:
     import pandas as pd
     import yaml
 
-    rows, failed = [], []
-    every = base["tune"]["report_every"]
-    for index, result in enumerate(grid):
-        trial = Path(result.path).name
+    rows, failed, stopped = [], [], []
+    every, total = base["tune"]["report_every"], _total_steps(base)
+    trial_dirs = sorted(d for d in (experiment / "trials").iterdir() if (d / "attempts.jsonl").is_file()) \
+        if (experiment / "trials").is_dir() else []
+    # Ray names a trial's folder "<trainable>_<trial id>_<index>_<params>…": find each trial's by its id.
+    names = {d.name: next((Path(r.path).name for r in grid if f"_{d.name}_" in Path(r.path).name), d.name)
+             for d in trial_dirs}
+    errors = {}
+    for result in grid:
         if result.error is not None:
             lines = [line.strip() for line in str(result.error).strip().splitlines()
                      if line.strip() and "For further information visit" not in line]
-            failed.append({"trial": trial, "error": " | ".join(lines[-3:])[:500]})
-        history = result.metrics_dataframe
-        if history is None or history.empty:
-            continue
-        params = {f"param/{k}": v for k, v in result.config.items()}
-        for _, report in history.iterrows():
+            errors[Path(result.path).name] = " | ".join(lines[-3:])[:500]
+    failed = [{"trial": name, "error": error} for name, error in errors.items()]
+    params_of = {}
+    for index, trial_dir in enumerate(trial_dirs):
+        trial = names[trial_dir.name]
+        attempts = [json.loads(line) for line in (trial_dir / "attempts.jsonl").read_text().splitlines() if line]
+        params_of[trial] = attempts[-1]["params"]
+        params = {f"param/{k}": v for k, v in params_of[trial].items()}
+        reports = [json.loads(line) for line in (trial_dir / "reports.jsonl").read_text().splitlines() if line] \
+            if (trial_dir / "reports.jsonl").is_file() else []
+        last = max((int(r["step"]) for r in reports), default=0)
+        if last < total and trial not in errors:
+            # a trial that stopped short: ASHA's early stop, or (FIFO) an interruption nothing resumed
+            entry = {"trial": trial, "reported_until_step": last, "of": total}
+            (stopped if base["tune"]["scheduler"] == "asha" else failed).append(
+                entry if base["tune"]["scheduler"] == "asha" else
+                {"trial": trial, "error": f"interrupted: reported up to step {last} of {total}"})
+        for report in reports:
             for k in range(len(folds.folds)):
                 rows.append({"trial": trial, "trial_index": index, **params, "step": int(report["step"]),
                              "report": math.ceil(int(report["step"]) / every), "fold": k,
@@ -292,7 +328,6 @@ def summarise(grid, base: dict, experiment: Path, folds) -> dict:
                                           step=("step", "max"), trial_index=("trial_index", "first"))
     best = per_trial["mean_val_auroc"].idxmax()
     unsupervised = per_trial["mean_val_loss"].idxmin()
-    params_of = {Path(r.path).name: r.config for r in grid}
     picks = {}
     for label, trial in (("best", best), ("unsupervised", unsupervised)):
         tree = apply_params(base, params_of[trial])
@@ -301,7 +336,8 @@ def summarise(grid, base: dict, experiment: Path, folds) -> dict:
         picks[label] = {"trial": trial, "params": params_of[trial],
                         "mean_val_auroc": float(per_trial.loc[trial, "mean_val_auroc"]),
                         "mean_val_loss": float(per_trial.loc[trial, "mean_val_loss"])}
-    summary = {"experiment": str(experiment), "trials": len(params_of), "failed": failed, **picks,
+    summary = {"experiment": str(experiment), "trials": len(params_of), "failed": failed, "stopped_early": stopped,
+               **picks,
                "validation": {"normals_per_fold": [len(f) for f in folds.folds], "anomalies": folds.anomalies,
                               "anomaly_groups": sorted(set(folds.groups))}}
     (experiment / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

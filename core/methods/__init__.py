@@ -86,8 +86,9 @@ class MethodConfig(StrictConfig):
         except ValidationError as exc:
             # Keep each problem's own key (method.options.<key>) and the method's option names for hints;
             # tessera.config turns them into one line each, blamed on the file or --set that gave them.
-            raise PydanticCustomError("method_options", "invalid options of method '{method}'", {
+            raise PydanticCustomError("method_options", "invalid options of method '{method}': {detail}", {
                 "method": name, "fields": sorted(method.Config.model_fields),
+                "detail": "; ".join(f"method.options.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
                 "errors": [{"loc": list(e["loc"]), "type": e["type"], "msg": e["msg"], "input": e.get("input")}
                            for e in exc.errors()]}) from None
         return {**data, "options": options}

@@ -250,3 +250,31 @@ def test_stain_normalisation_at_ingest(tmp_path, sample_data, texture, data_conf
     def distance(image):
         return np.abs(rgb2lab(image).reshape(-1, 3).mean(0) - target).sum()
     assert distance(stored) < 0.5 * distance(raw)
+
+
+def test_a_read_only_or_full_store_ends_in_one_line_and_a_rerun_resumes(sample_data, mount_tmpfs):
+    import subprocess
+    import sys
+
+    def tessera(*args):
+        return subprocess.run([sys.executable, "-m", "tessera.cli", "ingest", str(sample_data.slide), *args],
+                              capture_output=True, text=True, timeout=600)
+
+    read_only = mount_tmpfs("ro", read_only=True)
+    done = tessera("--store", str(read_only / "store.zarr"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("W")]
+    assert len(lines) == 1 and "read-only" in lines[0] and str(read_only) in lines[0], done.stderr
+
+    full = mount_tmpfs("full", size="300k")
+    done = tessera("--store", str(full / "store.zarr"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "disk is full" in done.stderr and str(full) in done.stderr and "df -h" in done.stderr
+    manifest = full / "store.zarr" / "manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["items"].get(
+        "cmu_small_region", {}).get("status") != "done"
+    assert not (full / "store.zarr" / "slides" / "cmu_small_region").exists()  # nothing half-written looks whole
+    mount_tmpfs.resize(full, "64m")
+    again = tessera("--store", str(full / "store.zarr"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ingested 1" in again.stdout

@@ -70,3 +70,20 @@ def test_demo_writes_a_run_directory(tmp_path, sample_data):
     assert 0 <= stages[-1]["image_auroc"] <= 1 and (run / "mkd" / "feature_stats.pt").is_file()
     overlays = list((run / "mkd" / "eval-test" / "heatmaps").glob("*.png"))
     assert len(overlays) == 8  # every test slide of the benchmark: the normal mosaic and 7 anomaly groups
+
+
+def test_resume_with_a_corrupt_config_and_submit_of_a_bad_config_fail_in_one_message(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train: [unclosed\n")
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "train", "--run-dir", str(run_dir), "--resume"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"cannot resume '{run_dir}'" in done.stderr and "not valid YAML" in done.stderr
+    result = CliRunner().invoke(app, ["submit", "--dry-run", "--", "train", "configs/demo.yaml",
+                                      "--set", "train.steps=true"])
+    assert result.exit_code == 2 and "nothing was submitted" in result.output
+    assert "train.steps: expected a number, not a boolean" in result.output and "#!/" not in result.output
+    result = CliRunner().invoke(app, ["submit", "--dry-run", "--", "train", "configs/demo.yaml",
+                                      "--set", "train.steps=3"])
+    assert result.exit_code == 0 and "train.steps=3" in result.output

@@ -94,3 +94,38 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_every_bundled_recipe_validates(recipe):
     config = load_config(recipe)
     assert config.name and config.method.name
+
+
+def test_method_option_typos_are_blamed_on_their_own_key_and_source(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method:\n  name: reference_ae\n  options:\n    depth: 3\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe, ["method.options.widht=3"])
+    assert "--set method.options.widht=3: unknown key 'method.options.widht'; did you mean " \
+           "'method.options.width'?" in str(error.value)
+    recipe.write_text("method:\n  name: reference_ae\n  options:\n    depht: 3\n")
+    with pytest.raises(ConfigError, match=f"{recipe}: unknown key 'method.options.depht'; did you mean "
+                                          "'method.options.depth'"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="--set method.options.width=wide: method.options.width: "):
+        load_config(None, ["method.options.width=wide"])
+
+
+def test_booleans_are_not_numbers(tmp_path):
+    for override in ("train.steps=true", "train.lr=false", "train.clip_grad=true"):
+        with pytest.raises(ConfigError, match=f"--set {override}: .*expected a number, not a boolean"):
+            load_config(None, [override])
+    assert load_config(None, ["train.steps=3", "train.lr=1"]).train.steps == 3
+
+
+def test_resumed_config_takes_only_keys_that_keep_the_checkpoint_valid(tmp_path):
+    from tessera.config import resumed_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(load_config(None).to_yaml())
+    assert resumed_config(saved, ["train.lr=1e-4", "train.steps=50"]).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="keys that leave the checkpoint valid"):
+        resumed_config(saved, ["method.options.width=64"])
+    saved.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="cannot be read as text"):
+        resumed_config(saved, [])

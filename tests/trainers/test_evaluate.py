@@ -319,3 +319,19 @@ def test_smoothing_a_score_volume_brings_out_a_blob_scored_slice_by_slice():
     assert smoothed.shape == scores.shape and smoothed.dtype == np.float32
     raw_ap = average_precision_score(ball.ravel(), scores.ravel())
     assert average_precision_score(ball.ravel(), smoothed.ravel()) > raw_ap + 0.3
+
+
+def test_eval_into_a_read_only_run_dir_or_store_ends_in_one_line(trained, mount_tmpfs):
+    import shutil
+
+    run_dir, store, _ = trained
+    read_only_run = mount_tmpfs("run", fill=lambda p: shutil.copytree(run_dir, p / "run"), read_only=True) / "run"
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(read_only_run), "--store", str(store)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "read-only" in done.stderr and str(read_only_run) in done.stderr
+    read_only_store = mount_tmpfs("store", fill=lambda p: shutil.copytree(store, p / "s.zarr"), read_only=True)
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(run_dir), "--store",
+                           str(read_only_store / "s.zarr")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "read-only" in done.stderr and str(read_only_store) in done.stderr

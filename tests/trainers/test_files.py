@@ -35,9 +35,13 @@ def craft(path: Path, marker: Path, **fields) -> Path:
     return path
 
 
+LAUNCHER = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def tessera(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}  # in-process tests leave these behind
     return subprocess.run([sys.executable, "-m", "tessera.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
 
 
 def sets(*values):
@@ -139,8 +143,8 @@ def test_no_full_unpickling_and_no_silenced_errors_in_the_code_base():
         text = path.read_text()
         if unsafe in text.replace(" ", ""):
             offenders.append(f"{path.relative_to(ROOT)}: {unsafe}")
-        if "allow_pickle=True" in text.replace(" ", ""):
-            offenders.append(f"{path.relative_to(ROOT)}: allow_pickle=True")
+        if "allow_pickle=" + "True" in text.replace(" ", ""):
+            offenders.append(f"{path.relative_to(ROOT)}: numpy's allow_pickle")
         if silenced.search(text):
             offenders.append(f"{path.relative_to(ROOT)}: an exception silenced with pass")
     assert not offenders, "\n".join(offenders)

@@ -69,6 +69,9 @@ def test_killed_run_resumes_to_the_same_weights(sample_store, tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-epoch
     proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and _group_alive(proc.pid):  # the ranks hold the run's lock until they are gone
+        time.sleep(0.1)
     assert not (cut / "final.pt").exists(), "the run finished before it could be killed"
     resumed = run(train_command(sample_store, cut, resume=True))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

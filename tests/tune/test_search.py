@@ -80,6 +80,11 @@ def test_grid_search_picks_the_best_mean_fold_auroc(brain_store, tmp_path):
     pids = {json.loads(line)["pid"] for p in (experiment / "trials").glob("*/attempts.jsonl")
             for line in p.read_text().splitlines()}
     assert len(pids) < 4
+    # ... and each trial still logged into its own run directories
+    for trial in (experiment / "trials").iterdir():
+        for fold in ("fold0", "fold1"):
+            log = (trial / fold / "log.txt").read_text()
+            assert log.count("training reference_ae for 8 steps") == 1, (trial.name, fold, log)
     # the anomaly-budget study re-picks from the saved per-item validation scores
     scores = json.loads((fold_dir / "val_scores.json").read_text())["scores"]
     assert {label for _, label, _ in scores} == {0, 1} and len([s for s in scores if s[1]]) == len(folds["anomalies"])
@@ -117,15 +122,21 @@ def test_killed_driver_resumes_the_experiment(brain_store, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     experiment = tmp_path / "experiments" / "search"
     deadline = time.time() + 600
-    while time.time() < deadline and not list((experiment / "trials").glob("*/fold*/checkpoints/latest.json")):
-        time.sleep(0.2)
+    # killed once a trial has made its first report and is training towards its second
+    while time.time() < deadline and not list((experiment / "trials").glob("*/reports.jsonl")):
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray runtime it started
     proc.wait()
     assert not (experiment / "results.parquet").exists(), "the search finished before it could be killed"
     done = tessera("tune", str(path), "--resume")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = pd.read_parquet(experiment / "results.parquet")
-    assert table["trial"].nunique() == 4 and (table.groupby("trial")["report"].max() == 2).all()
+    # every trial counted with both of its reports: the interrupted one keeps the report it made before the
+    # kill and finishes from its folds' checkpoints
+    assert table["trial"].nunique() == 4
+    assert table.groupby("trial")["report"].apply(lambda r: sorted(set(r))).tolist() == [[1, 2]] * 4
+    summary = json.loads((experiment / "summary.json").read_text())
+    assert summary["trials"] == 4 and summary["failed"] == [] and summary["stopped_early"] == []
 
 
 def test_a_trial_can_train_each_fold_on_two_ranks(brain_store, tmp_path):
