@@ -11,6 +11,9 @@
 3. The same with --nproc 1 and --nproc 2: images/s (global batch grows with the ranks).
 4. Section 1 again with `train.precision: bf16-mixed` against a bare loop under torch.autocast bf16,
    and its speed-up over fp32 (on CPUs, it pays where there is AVX512-BF16 or AMX).
+5. A two-phase GAN step (the toy GAN of tests/trainers/toy_methods.py: Gmain, then Dmain on its own
+   batch) in tessera's phase loop against the same two phases written by hand in bare PyTorch (two Adam
+   optimisers, D frozen for G's loss), on the same networks and batches, alternating step by step.
 """
 
 from __future__ import annotations
@@ -54,6 +57,42 @@ class BareLoop:
         torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.clip)
         self.optimizer.step()
         return float(loss.detach())
+
+
+class BareGAN:
+    """A hand-written two-phase GAN step: G's update through a frozen D, then D's on fresh fakes."""
+
+    def __init__(self, lr: float, betas):
+        from tests.trainers.toy_methods import ToyGAN
+
+        torch.manual_seed(0)
+        self.method = ToyGAN(ToyGAN.Config(critic_steps=1)).train()
+        self.g = torch.optim.Adam(self.method.G.parameters(), lr=lr, betas=betas)
+        self.d = torch.optim.Adam(self.method.D.parameters(), lr=lr, betas=betas)
+
+    def micro_step(self, batch: dict) -> float:
+        losses = []
+        for optimiser, net, other, loss_of in ((self.g, self.method.G, self.method.D, self.method._g),
+                                               (self.d, self.method.D, self.method.G, self.method._d)):
+            other.requires_grad_(False)
+            loss = loss_of(batch, None)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            other.requires_grad_(True)
+            losses.append(float(loss.detach()))
+        return sum(losses)
+
+
+class TrainerSteps:
+    """The trainer fed one given batch per phase (the bare loops get the same batch)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def micro_step(self, batch: dict):
+        self.trainer.train_step(lambda: batch)
+        return self.trainer.stats.sums  # tensors, read below as the bare loop reads its losses
 
 
 def interleaved(batches, bare: BareLoop, trainer) -> tuple[list[float], list[float]]:
@@ -107,6 +146,7 @@ def main() -> None:
     batches = fixed_batches(args.steps, args.size, config.train.micro_batch)
     from trainers.dist import DistEnv
     from trainers.loop import Trainer
+    from tests.trainers import toy_methods  # noqa: F401  (registers the toy GANs)
 
     env = DistEnv.from_env()
     device = env.init()
@@ -119,7 +159,7 @@ def main() -> None:
         trainer = Trainer(config, work / f"fixed-run-{precision}", env, device)  # built as for a real run
         bare_loop = BareLoop(config.method.options, config.train.lr, config.train.clip_grad,
                              autocast=precision == "bf16-mixed")
-        bare, ours = interleaved(batches, bare_loop, trainer)
+        bare, ours = interleaved(batches, bare_loop, TrainerSteps(trainer))
         bare_ms, ours_ms = (statistics.median(t[skip:]) * 1000 for t in (bare, ours))
         print(f"fixed batches of {config.train.micro_batch} x 3 x {args.size}², reference_ae "
               f"{config.method.options}, {precision}:")
@@ -142,6 +182,21 @@ def main() -> None:
 
     mixed_ms = fixed_run("bf16-mixed")
     print(f"  bf16-mixed vs fp32 trainer: {fp32_ms / mixed_ms:.2f}x steps/s")
+
+    # 5. two phases: the toy GAN at 64², G then D
+    gan = load_config(None, [f"data.store={store}", "method.name=_toy_gan", "method.options={critic_steps: 1}",
+                             "train.clip_grad=null", "train.micro_batch=16", "train.num_workers=0",
+                             "train.groups={G: {betas: [0.0, 0.99]}, D: {betas: [0.0, 0.99]}}"])
+    (work / "fixed-run-gan").mkdir(exist_ok=True)
+    trainer = Trainer(gan, work / "fixed-run-gan", env, device)
+    gan_batches = fixed_batches(args.steps, 64, 16)
+    bare, ours = interleaved(gan_batches, BareGAN(gan.train.lr, (0.0, 0.99)), TrainerSteps(trainer))
+    bare_ms, ours_ms = (statistics.median(t[skip:]) * 1000 for t in (bare, ours))
+    spread = [statistics.quantiles(t[skip:], n=4) for t in (bare, ours)]
+    print(f"two-phase GAN step (Gmain, Dmain), batches of 16 x 3 x 64², fp32:")
+    print(f"  bare PyTorch two-optimiser loop {bare_ms:.1f} ms/step (IQR {spread[0][0] * 1000:.1f}-"
+          f"{spread[0][2] * 1000:.1f}), tessera phase loop {ours_ms:.1f} ms/step (IQR {spread[1][0] * 1000:.1f}-"
+          f"{spread[1][2] * 1000:.1f}), trainer/bare = {ours_ms / bare_ms:.3f}")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def train(config: Optional[Path] = ConfigArg,
     typer.echo(f"run directory: {path}")
     if launch.in_process and "RANK" not in os.environ:
         from trainers.files import UnsafeFileError
-        from trainers.loop import TrainingDiverged, run
+        from tessera.worker import run
+        from trainers.loop import TrainingDiverged
         from trainers.run_dir import RunLocked
 
         try:
@@ -207,7 +208,7 @@ def _check_statistics_file(resolved) -> None:
     if resolved.train.statistics_file is None:
         return
     from trainers.files import UnsafeFileError
-    from trainers.loop import load_statistics
+    from trainers.checkpoint import load_statistics
 
     try:
         load_statistics(resolved.train.statistics_file, "train.statistics_file")
@@ -248,7 +249,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         result = json.loads((run_dir / f"eval-{split}" / "metrics.json").read_text())
     else:
         try:
-            with _WritingTo(run_dir / f"eval-{split}"):
+            with _WritingTo(run_dir / f"eval-{split}", store or _run_store(run_dir)):
                 result = run_eval(run_dir, store, split, groups, score_smoothing=score_smoothing,
                                   normal_baseline=normal_baseline)
         except (FileNotFoundError, NotImplementedError, ValueError) as exc:
@@ -261,6 +262,16 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {_with_interval(overall, 'pixel_ap')}, "
                   f"DICE {_with_interval(overall, 'dice')}" if "pixel_ap" in overall else "")
                + f" -> {run_dir / f'eval-{split}'}/index.html")
+
+
+def _run_store(run_dir: Path) -> str | None:
+    """The store a run was trained on (its config's data.store), for messages; None if unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["store"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
 
 
 def _with_interval(values: dict, key: str) -> str:
@@ -633,7 +644,8 @@ def features_stats(config: Optional[Path] = ConfigArg,
     from rich.table import Table
 
     from core.methods import create_method
-    from trainers.loop import compute_statistics, save_statistics
+    from trainers.checkpoint import save_statistics
+    from trainers.loop import compute_statistics
 
     resolved = _load(config, overrides)
     torch.manual_seed(resolved.seed)  # MKD's λ depends on the cloner's initial weights: the run's seed
@@ -641,7 +653,7 @@ def features_stats(config: Optional[Path] = ConfigArg,
         method = create_method(resolved.method.name, resolved.method.options)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    if not hasattr(method, "statistics"):
+    if not method.uses_statistics:
         _fail(f"method '{resolved.method.name}' uses no feature statistics")
     if resolved.train.data in ("slices", "slice_pairs"):
         from data_plane.volume_stream import SliceStream
@@ -678,18 +690,37 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique part
 
 
 class _WritingTo:
-    """Context: an OSError raised without a file name (zarr's and torch's writers drop it) is blamed on the
-    location this command writes to, so the one-line message says where."""
+    """Context: an OSError raised without a usable file name (zarr's and torch's writers drop it, or give a
+    path relative to the store) is blamed on the location this command writes to whose file system shows
+    the fault (read-only, or full), so the one-line message says where."""
 
-    def __init__(self, location):
-        self.location = location
+    def __init__(self, *locations):
+        self.locations = [Path(str(p)) for p in locations if p is not None]
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, exc, traceback) -> bool:
-        if isinstance(exc, OSError) and exc.filename is None and self.location is not None:
-            exc.filename = str(self.location)
+        import errno
+
+        if not isinstance(exc, OSError) or not self.locations or \
+                (exc.filename is not None and Path(str(exc.filename)).is_absolute()):
+            return False
+
+        def shows_fault(location: Path) -> bool:
+            import os
+
+            existing = next((p for p in (location, *location.parents) if p.exists()), None)
+            if existing is None:
+                return False
+            stat = os.statvfs(existing)
+            if exc.errno == errno.EROFS:
+                return bool(stat.f_flag & os.ST_RDONLY)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return stat.f_bavail == 0
+            return False
+
+        exc.filename = str(next((p for p in self.locations if shows_fault(p)), self.locations[0]))
         return False
 
 

@@ -50,7 +50,7 @@ def train_and_evaluate(config, name: str, path: Path) -> tuple[Path, dict, list[
     """Train a demo stage's run in this process, evaluate it on the test split; returns the run dir,
     the overall metrics and the figures eval drew (heatmap overlays, or slices through outliers)."""
     from trainers.evaluate import evaluate
-    from trainers.loop import run as train_run
+    from tessera.worker import run as train_run
 
     run_dir = create_run_dir(config, name, path=path).path
     train_run(run_dir, resume=False)
@@ -121,7 +121,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     run.metrics({"stage": "benchmark", "tiles": report.tiles})
 
     console.rule("5. train the reference method (DeepSpeed, this process)")
-    from trainers.loop import run as train_run
+    from tessera.worker import run as train_run
 
     train_dir = create_run_dir(bench_config, "reference", path=run.path / "train").path
     train_run(train_dir, resume=False)

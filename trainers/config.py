@@ -69,7 +69,17 @@ class TrainConfig(StrictConfig):
     groups: dict[str, GroupConfig] = {}               # per-group optimiser overrides, by the method's group names
     ema: float | None = Field(None, gt=0, lt=1)       # keep an exponential moving average of weights (decay, e.g.
                                                       # 0.999); final.pt then holds the average
-    swa: SWAConfig | None = None                      # stochastic weight averaging phase; final.pt holds the average
+    ema_kimg: float | None = Field(10.0, gt=0)        # G_ema of the networks a method names (ema_networks(): a
+                                                      # GAN's G, E): half-life in thousands of images; None = off
+    ema_rampup: float | None = Field(0.05, gt=0)      # the half-life is at most this times the images seen
+                                                      # (a fast start); None = the full half-life from image 0
+    lazy_regularisation_scaling: bool = True          # a group regularised every I steps (a phase with
+                                                      # regularisation=True) gets lr x I/(I+1), betas ** (I/(I+1))
+    snapshot_kimg: float | None = Field(None, gt=0)   # every this many thousand images: the method's snapshot
+                                                      # (image grids, metrics) and the weights, in snapshots/
+    snapshot_metric: str | None = None                # keep the best snapshot by this metric as best.pt
+    snapshot_mode: Literal["min", "max"] = "min"      # best = lowest (FID) or highest (AUROC)
+    swa: SWAConfig | None = None                      # stochastic weight averaging period; final.pt holds the average
     growing: GrowingConfig | None = None              # progressive-growing schedule methods can read
     num_workers: int = Field(2, ge=0)                 # dataloader workers per rank
     statistics_batches: int = Field(16, ge=1)         # batches for a method's feature statistics (DPA's μ, σ)

@@ -37,6 +37,9 @@ def load_method(run_dir: Path):
     saved["method"] = json.loads(saved["method_json"])
     method = create_method(saved["method"]["name"], saved["method"]["options"])
     method.load_state_dict(saved["state"])
+    for name, network in method.ema_networks().items():  # G_ema, where the run kept one, scores and samples
+        if saved.get("ema"):
+            network.load_state_dict(saved["ema"][name])
     return method.eval(), saved
 
 
@@ -415,6 +418,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     _, saved = load_method(run_dir)
     config = load_config(run_dir / "config.yaml")
     bundle = {"method_json": saved["method_json"], "state": saved["state"], "averaged": saved.get("averaged"),
+              "ema": saved.get("ema"),
               "config_json": json.dumps(config.model_dump(mode="json")), "source_run": str(run_dir.resolve()),
               "code": (run_dir / "git.txt").read_text() if (run_dir / "git.txt").is_file() else ""}
     out = Path(out)

@@ -30,7 +30,9 @@ CODE_ROOT = Path(__file__).resolve().parent.parent
 
 def code_version() -> str:
     """Commit and dirty flag of the checkout tessera runs from (or a note that it is not one)."""
-    from tessera import __version__
+    from trainers.files import tessera_version
+
+    __version__ = tessera_version()
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(CODE_ROOT), *args], capture_output=True, text=True,
@@ -146,9 +148,11 @@ class RunLocked(RuntimeError):
 
 
 class RunLock:
-    """One trainer per run directory: an exclusive ``flock`` on ``RUN_DIR/.train.lock``, which also holds
-    the holder's pid and host for the message. The kernel drops the lock when its holder dies, however it
-    dies (kill -9 included), so a stale lock never blocks a resume; a live one is never taken over."""
+    """One trainer per run directory: an exclusive POSIX lock (``lockf``) on ``RUN_DIR/.train.lock``, which
+    also holds the holder's pid and host for the message. The kernel drops the lock when its holder dies,
+    however it dies (kill -9 included), so a stale lock never blocks a resume; a live one is never taken
+    over. A POSIX lock belongs to the process alone: the DataLoader workers it forks do not hold it (an
+    ``flock`` would be shared with them and outlive a killed rank until they notice)."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".train.lock"
@@ -166,14 +170,18 @@ class RunLock:
         return None
 
     def acquire(self) -> "RunLock":
+        import errno
         import fcntl
         import os
         import socket
 
         handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                handle.close()
+                raise
             handle.seek(0)
             who = handle.read().strip() or "another process"
             handle.close()
@@ -189,7 +197,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()  # closing the descriptor drops the flock
+            self._file.close()  # closing the descriptor drops the lock
             self._file = None
 
     def __enter__(self) -> "RunLock":

@@ -148,7 +148,7 @@ def _multi_rank_trial(params: dict, base: dict, experiment: Path, folds, trial_i
     from ray import tune
 
     from trainers.launch import Launch
-    from trainers.loop import load_latest
+    from tessera.worker import load_latest
     from trainers.run_dir import create_run_dir
     from tune.objective import validate
 
@@ -351,7 +351,7 @@ def final_run(experiment: Path, pick: str = "best") -> dict:
     """Retrain a pick on all normal training items and evaluate it on the test split."""
     from tessera.config import load_config
     from trainers.evaluate import evaluate
-    from trainers.loop import run
+    from tessera.worker import run
     from trainers.run_dir import create_run_dir
     from tune.folds import Folds
 

@@ -1,14 +1,8 @@
 """Anomaly-detection methods, one file each, registered by name.
 
-A method is an ``nn.Module`` with
-
-- ``Config``: its pydantic config class (unknown keys refused),
-- ``groups()``: the networks optimised separately, by name (``{"model": …}``; GANs ``G``, ``D``, ``E``),
-- ``training_step(batch, state) -> {group: loss}``: one loss per optimised group (``state`` a
-  ``core.schedule.StepState``: step, images seen, progressive-growing resolution and α, phase),
-- ``score(batch) -> (image_scores [B], pixel_maps [B, 1, H, W] or None)``,
-- optionally ``sample_score(voxel_scores) -> float``: a volume's score from its reassembled voxel map
-  (default: trainers.evaluate.volume_score, the mean of the top 0.1 %).
+A method subclasses :class:`core.methods.base.Method`, which names every hook the trainer calls (config,
+groups, phases, score, G_ema networks, snapshot, feature statistics, sample score) and the defaults of a
+single-network method; registration checks it.
 
 It is single-device code: the trainer owns devices, precision, ranks, optimisers and checkpoints.
 Adding a method is its own file plus one ``@register_method`` line.
@@ -28,6 +22,9 @@ _REGISTRY: dict[str, type] = {}
 
 def register_method(name: str) -> Callable[[type], type]:
     def add(cls: type) -> type:
+        from core.methods.base import check_method_class
+
+        check_method_class(name, cls)  # a method missing a piece fails when it is added
         if name in _REGISTRY:
             raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
         cls.method_name = name
@@ -39,7 +36,15 @@ def register_method(name: str) -> Callable[[type], type]:
 
 def _load_all() -> None:
     # Importing a method's module registers it; the list is the one place that names every method file.
+    import importlib
+    import os
+
     from core.methods import dpa, fpi, mkd, reference_ae  # noqa: F401
+
+    # A lab's own methods, outside tessera: TESSERA_METHOD_MODULES=mylab.methods,other.module (imported in
+    # every process, ranks and Ray workers included, since they inherit the environment).
+    for module in filter(None, (m.strip() for m in os.environ.get("TESSERA_METHOD_MODULES", "").split(","))):
+        importlib.import_module(module)
 
 
 def method_names() -> list[str]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from core.config import StrictConfig
 from core.methods import register_method
+from core.methods.base import Method, Phase
 from core.nets import create_net, feature_statistics, ignore_saved_extractors
 
 
@@ -113,7 +114,9 @@ def relative_perceptual_l1(real: torch.Tensor, fake: torch.Tensor) -> torch.Tens
 
 
 @register_method("dpa")
-class DeepPerceptualAutoencoder(nn.Module):
+class DeepPerceptualAutoencoder(Method):
+    uses_statistics = True  # statistics() once per run, from the training stream
+
     class Config(StrictConfig):
         in_channels: int = Field(3, ge=1)             # image channels; 1-channel images are repeated for the net
         resolution: int = Field(64, ge=8)             # target (and test) image size: a power of two
@@ -209,12 +212,31 @@ class DeepPerceptualAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         return self.autoencoder(images, alpha)
 
-    def training_step(self, batch: dict, state=None) -> dict[str, torch.Tensor]:
+    def _inputs(self, batch: dict, state) -> tuple[torch.Tensor, int, float]:
+        """The batch's images at the growing schedule's resolution, that resolution and the fade-in α."""
         images = batch["image"]
         resolution = state.resolution if state is not None and state.resolution else self.config.resolution
         alpha = state.alpha if state is not None and state.resolution else 1.0
         if images.shape[-1] != resolution:
             images = F.interpolate(images, size=(resolution, resolution), mode="area")
+        return images, resolution, alpha
+
+    def phases(self) -> list[Phase]:
+        if self.discriminator is None:
+            return super().phases()
+        # The autoencoder's phase, then the discriminator's on its own batch and its own forward, which
+        # sees the autoencoder as just updated.
+        return [Phase("main", "model", lambda batch, state: self.training_step(batch, state)["model"]),
+                Phase("D", "D", self._discriminator_loss)]
+
+    def _discriminator_loss(self, batch: dict, state=None) -> torch.Tensor:
+        images, _, alpha = self._inputs(batch, state)
+        with torch.no_grad():
+            recon = self.autoencoder(images, alpha)
+        return F.softplus(self.discriminator(recon)).mean() + F.softplus(-self.discriminator(images)).mean()
+
+    def training_step(self, batch: dict, state=None) -> dict[str, torch.Tensor]:
+        images, resolution, alpha = self._inputs(batch, state)
         recon = self.autoencoder(images, alpha)
         loss = self.perceptual(images, recon, self._layer(resolution)).mean()
         if alpha < 1:
@@ -229,8 +251,6 @@ class DeepPerceptualAutoencoder(nn.Module):
             self.discriminator.requires_grad_(False)
             losses["model"] = loss + self.config.adversarial_weight * F.softplus(-self.discriminator(recon)).mean()
             self.discriminator.requires_grad_(True)
-            losses["D"] = F.softplus(self.discriminator(recon.detach())).mean() + \
-                F.softplus(-self.discriminator(images)).mean()
         return losses
 
     @torch.no_grad()

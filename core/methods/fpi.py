@@ -31,6 +31,7 @@ from torch import nn
 from core.anomalies import FPI_ALPHAS, foreign_patch_interpolation, zoomed_copies
 from core.config import StrictConfig
 from core.methods import register_method
+from core.methods.base import Method
 
 
 class _ResidualBlock(nn.Module):
@@ -80,7 +81,7 @@ class WideResidualEncoderDecoder(nn.Module):
 
 
 @register_method("fpi")
-class ForeignPatchInterpolation(nn.Module):
+class ForeignPatchInterpolation(Method):
     class Config(StrictConfig):
         in_channels: int = Field(1, ge=1)             # 1 for MRI slices, 3 for RGB tiles
         mode: Literal["continuous", "discrete"] = "continuous"  # α ~ U(0,1) with BCE, or 5 levels with CE

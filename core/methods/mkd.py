@@ -28,6 +28,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from core.config import StrictConfig
 from core.methods import register_method
+from core.methods.base import Method
 from core.nets import create_net, ignore_saved_extractors
 
 
@@ -74,7 +75,9 @@ def _opening(maps: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("mkd")
-class MultiresolutionKnowledgeDistillation(nn.Module):
+class MultiresolutionKnowledgeDistillation(Method):
+    uses_statistics = True  # statistics() once per run, from the training stream
+
     class Config(StrictConfig):
         in_channels: int = Field(3, ge=1)             # image channels; 1-channel images are repeated for the net
         net: str = "vgg16"                            # source network (core/nets): vgg16, vgg19, efficientnet_lite0

@@ -11,6 +11,7 @@ from torch import nn
 
 from core.config import StrictConfig
 from core.methods import register_method
+from core.methods.base import Method
 
 
 def _block(channels_in: int, channels_out: int, down: bool) -> nn.Sequential:
@@ -20,7 +21,7 @@ def _block(channels_in: int, channels_out: int, down: bool) -> nn.Sequential:
 
 
 @register_method("reference_ae")
-class ReferenceAutoencoder(nn.Module):
+class ReferenceAutoencoder(Method):
     """Encoder of ``depth`` stride-2 convolutions to a bottleneck, mirrored decoder, sigmoid output."""
 
     class Config(StrictConfig):

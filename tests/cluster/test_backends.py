@@ -180,10 +180,13 @@ def test_local_backend_submit_logs_status_and_cancel(tmp_path, sample_store):
     job_id = re.search(r"submitted (\S+)", done.stdout).group(1)
     assert wait_state(job_id, jobs, {"COMPLETED", "FAILED"}) == "COMPLETED"
     assert "name: hello-job" in tessera("jobs", "logs", job_id, jobs=jobs).stdout
-    bad = tessera("submit", "--log-dir", str(tmp_path), "--", "config", "show", "--set", "nmae=1", jobs=jobs)
+    refused = tessera("submit", "--log-dir", str(tmp_path), "--", "config", "show", "--set", "nmae=1", jobs=jobs)
+    assert refused.returncode == 2 and "nothing was submitted" in refused.stderr  # before any queue
+    assert "did you mean 'name'" in refused.stderr and "submitted" not in refused.stdout
+    bad = tessera("submit", "--log-dir", str(tmp_path), "--", "eval", str(tmp_path / "no-such-run"), jobs=jobs)
     bad_id = re.search(r"submitted (\S+)", bad.stdout).group(1)
     assert wait_state(bad_id, jobs, {"COMPLETED", "FAILED"}) == "FAILED"
-    assert "did you mean 'name'" in tessera("jobs", "logs", bad_id, jobs=jobs).stdout
+    assert "no trained weights" in tessera("jobs", "logs", bad_id, jobs=jobs).stdout
     slow = tessera("submit", "--log-dir", str(tmp_path), "--", "train", "--run-dir", str(tmp_path / "long"),
                    "--set", f"data.store={sample_store}", "--set", "train.steps=100000", "--set", "train.num_workers=0",
                    jobs=jobs)

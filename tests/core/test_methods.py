@@ -29,17 +29,35 @@ def batch(method, size=32, count=2):
     return {"image": torch.rand(count, channels, size, size)}
 
 
-def test_training_step_gives_a_loss_per_group_with_gradients(method):
+def test_every_phase_gives_a_loss_with_gradients_for_its_group(method):
+    from core.methods.base import check_phases
+
     method.train()
-    losses = method.training_step(batch(method), StepState())
-    assert set(losses) == set(method.groups())
-    for group, loss in losses.items():
+    phases = check_phases(method)
+    assert {p.group for p in phases} == set(method.groups())
+    for phase in phases:
+        method.zero_grad(set_to_none=True)
+        out = phase.loss(batch(method), StepState())
+        loss = out["loss"] if isinstance(out, dict) else out
         assert loss.ndim == 0 and torch.isfinite(loss)
-        loss.backward(retain_graph=True)
+        loss.backward()
         # A method may leave some parameters idle at a given state (progressive growing's other levels).
         idle = method.idle_parameters(StepState()) if hasattr(method, "idle_parameters") else set()
-        grads = [p.grad for name, p in method.groups()[group].named_parameters() if p.requires_grad and name not in idle]
+        grads = [p.grad for name, p in method.groups()[phase.group].named_parameters()
+                 if p.requires_grad and name not in idle]
         assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_registration_checks_the_method_contract():
+    from torch import nn
+
+    from core.methods import register_method
+    from core.methods.base import Method
+
+    with pytest.raises(TypeError, match="must subclass"):
+        register_method("_plain_module")(type("Plain", (nn.Module,), {"Config": dict}))
+    with pytest.raises(TypeError, match="does not define groups, score, phases or training_step"):
+        register_method("_empty")(type("Empty", (Method,), {"Config": dict}))
 
 
 def test_scores_have_the_documented_shapes(method):

@@ -7,11 +7,6 @@ import os
 
 import pytest
 import torch
-from pydantic import Field
-from torch import nn
-
-from core.config import StrictConfig
-from core.methods import register_method
 from core.schedule import growth_at
 from tessera.config import load_config
 from trainers.dist import DistEnv
@@ -19,42 +14,12 @@ from trainers.files import load_file
 from trainers.loop import Trainer
 from trainers.run_dir import create_run_dir
 
+from tests.trainers import toy_methods  # noqa: F401  (registers the toy GANs)
+
 SMALL = ["data.stream.crop=random", "data.stream.crop_size=32", "data.stream.min_tissue_fraction=0.3",
          "train.micro_batch=4", "train.num_workers=0", "train.log_every=1",
          "method.options={width: 8, depth: 3, bottleneck: 8}"]
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@register_method("_toy_gan")
-class ToyGAN(nn.Module):
-    """A generator and a discriminator, optimised by separate engines; G updates every critic_steps."""
-
-    class Config(StrictConfig):
-        critic_steps: int = Field(2, ge=1)
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.G = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1), nn.Sigmoid())
-        self.D = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4, 2, 1))
-
-    def groups(self):
-        return {"G": self.G, "D": self.D}
-
-    def training_step(self, batch, state):
-        real = batch["image"]
-        fake = self.G(torch.rand_like(real))
-        losses = {"D": nn.functional.softplus(self.D(fake.detach())).mean()
-                  + nn.functional.softplus(-self.D(real)).mean()}
-        if state.step % self.config.critic_steps == 0:
-            self.D.requires_grad_(False)  # G's loss must not reach D's gradients
-            losses["G"] = nn.functional.softplus(-self.D(fake)).mean()
-            self.D.requires_grad_(True)
-        return losses
-
-    @torch.no_grad()
-    def score(self, batch):
-        return -self.D(batch["image"]).flatten(1).mean(1), None
 
 
 @pytest.fixture
@@ -95,20 +60,19 @@ def test_two_engines_with_their_own_optimisers_and_update_ratio(make_trainer):
     batches = trainer._batches()
     for step in range(4):
         before = {g: snapshot(m) for g, m in trainer.method.groups().items()}
-        losses = trainer.micro_step(next(batches), trainer.state())
-        trainer.step += 1
-        assert set(losses) == ({"G", "D"} if step % 2 == 0 else {"D"})
+        trainer.train_step(lambda: next(batches))
         changed = {g: any(not torch.equal(v, snapshot(m)[k]) for k, v in before[g].items())
                    for g, m in trainer.method.groups().items()}
         assert changed == {"D": True, "G": step % 2 == 0}, step
     assert trainer.engines["G"].get_lr()[0] == pytest.approx(0.002)
     assert trainer.engines["D"].get_lr()[0] == pytest.approx(0.005)
+    assert trainer.group_steps == {"G": 2, "D": 4}
 
     fitted = make_trainer(*gan, "train.steps=4", "train.log_every=2", name="fit")
     fitted.fit()
     logged = records(fitted.run_dir)
     assert [r["step"] for r in logged] == [2, 4]
-    assert all({"loss/G", "loss/D", "lr/G", "lr/D"} <= set(r) for r in logged)
+    assert all({"loss/Gmain", "loss/Dmain", "lr/G", "lr/D"} <= set(r) for r in logged)
 
 
 def test_ema_is_the_exponential_average_of_the_weights_after_each_step(make_trainer):
@@ -116,9 +80,7 @@ def test_ema_is_the_exponential_average_of_the_weights_after_each_step(make_trai
     batches = trainer._batches()
     expected = None
     for _ in range(3):
-        trainer.micro_step(next(batches), trainer.state())
-        trainer.step += 1
-        trainer._after_step()
+        trainer.train_step(lambda: next(batches))
         now = snapshot(trainer.method)
         expected = now if expected is None else {k: 0.8 * expected[k] + 0.2 * now[k] for k in now}
     averaged = snapshot(trainer.average.module)
@@ -135,7 +97,7 @@ class RecordingTrainer(Trainer):
 
     def _after_step(self):
         super()._after_step()
-        if self.phase == "swa" and (self.step - self.train.steps) % self.train.swa.cycle_steps == 0:
+        if self.period == "swa" and (self.step - self.train.steps) % self.train.swa.cycle_steps == 0:
             self.snapshots = getattr(self, "snapshots", []) + [snapshot(self.method)]
         if self.stop_after is not None and self.step == self.stop_after:
             raise KeyboardInterrupt("cut off")
@@ -156,9 +118,9 @@ def test_swa_averages_the_cycle_minima_and_resumes_mid_phase(make_trainer):
         torch.testing.assert_close(final["state"][key], (whole.snapshots[0][key] + whole.snapshots[1][key]) / 2)
     tracked = [v for k, v in final["state"].items() if k.endswith("num_batches_tracked")]
     assert tracked and all(int(v) == 2 for v in tracked)  # BatchNorm statistics recomputed on 2 batches
-    # lr after each SWA step: the saw-tooth from lr_max down to lr_min per 2-step cycle
+    # lr of each SWA step: the saw-tooth from lr_max down to lr_min per 2-step cycle
     swa_lrs = [r["lr/model"] for r in records(whole.run_dir) if r["phase"] == "swa"]
-    assert swa_lrs == pytest.approx([0.001, 0.01, 0.001, 0.01])
+    assert swa_lrs == pytest.approx([0.01, 0.001, 0.01, 0.001])  # the rate each step used
 
     cut = make_trainer(*SWA, name="cut", cls=RecordingTrainer)
     cut.stop_after = 5  # the last checkpoint is at step 3, inside the SWA phase
@@ -167,7 +129,7 @@ def test_swa_averages_the_cycle_minima_and_resumes_mid_phase(make_trainer):
     assert json.loads((cut.run_dir / "checkpoints" / "latest.json").read_text()) == \
         {"tag": "step00000003", "step": 3, "phase": "swa"}
     resumed = make_trainer(*SWA, name="cut")
-    assert resumed.load_checkpoint() and resumed.phase == "swa"
+    assert resumed.load_checkpoint() and resumed.period == "swa"
     resumed.fit()
     again = load_file(resumed.run_dir / "final.pt", "tessera-final")["state"]
     for key, value in final["state"].items():
@@ -191,7 +153,7 @@ def test_methods_receive_the_progressive_growing_state(make_trainer):
 
 
 def test_learning_rate_schedule_warms_up_then_holds_or_decays():
-    from trainers.loop import lr_factor
+    from trainers.schedules import lr_factor
 
     assert lr_factor(0, 0, 100, "constant") == 1.0  # no warm-up: the first step already uses the peak
     assert [lr_factor(s, 4, 100, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]

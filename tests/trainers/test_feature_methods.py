@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainers.files import load_file
-from trainers.loop import load_statistics
+from trainers.checkpoint import load_statistics
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {"dpa": "{resolution: 32, base: 4, max_channels: 16, latent: 8, net: efficientnet_lite0, "

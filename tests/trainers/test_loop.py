@@ -27,8 +27,12 @@ def train_command(store, run_dir, *overrides, nproc=2, resume=False):
     return command + [arg for value in sets for arg in ("--set", value)]
 
 
+LAUNCHER = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run(command, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # in-process tests earlier in the session leave launcher variables behind; a user's shell has none
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
 
@@ -61,8 +65,8 @@ def test_killed_run_resumes_to_the_same_weights(sample_store, tmp_path):
     assert run(train_command(sample_store, whole, *steps)).returncode == 0
     cut = tmp_path / "cut"
     proc = subprocess.Popen(train_command(sample_store, cut, *steps), cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env={**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = cut / "checkpoints" / "latest.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 20):
@@ -86,7 +90,8 @@ NAN_SCRIPT = """
 import sys, torch
 from core.methods.reference_ae import ReferenceAutoencoder
 from tessera.config import load_config
-from trainers.loop import TrainingDiverged, run
+from tessera.worker import run
+from trainers.loop import TrainingDiverged
 from trainers.run_dir import create_run_dir
 
 original = ReferenceAutoencoder.training_step
@@ -157,7 +162,8 @@ def _group_alive(pgid: int) -> bool:
 def test_a_killed_launcher_takes_its_ranks_and_a_live_run_keeps_its_lock(sample_store, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(train_command(sample_store, run_dir, "train.steps=100000", "train.checkpoint_every=2"),
-                            cwd=ROOT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=ROOT, start_new_session=True,
+                            env={**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         latest = run_dir / "checkpoints" / "latest.json"
