@@ -186,7 +186,7 @@ def test_local_backend_submit_logs_status_and_cancel(tmp_path, sample_store):
     bad = tessera("submit", "--log-dir", str(tmp_path), "--", "eval", str(tmp_path / "no-such-run"), jobs=jobs)
     bad_id = re.search(r"submitted (\S+)", bad.stdout).group(1)
     assert wait_state(bad_id, jobs, {"COMPLETED", "FAILED"}) == "FAILED"
-    assert "no trained weights" in tessera("jobs", "logs", bad_id, jobs=jobs).stdout
+    assert "no-such-run" in tessera("jobs", "logs", bad_id, jobs=jobs).stdout  # the job's own error, in its log
     slow = tessera("submit", "--log-dir", str(tmp_path), "--", "train", "--run-dir", str(tmp_path / "long"),
                    "--set", f"data.store={sample_store}", "--set", "train.steps=100000", "--set", "train.num_workers=0",
                    jobs=jobs)
