@@ -99,14 +99,24 @@ def interleaved(batches, bare: BareLoop, trainer) -> tuple[list[float], list[flo
     """Step times of both loops, alternating on the same batches so that drift (clock, caches, other
     load) hits both alike."""
     times = ([], [])
+    cpu = ([], [])
     for batch in batches:
-        for loop, out in ((bare, times[0]), (trainer, times[1])):
-            started = time.perf_counter()
+        for loop, out, out_cpu in ((bare, times[0], cpu[0]), (trainer, times[1], cpu[1])):
+            started, started_cpu = time.perf_counter(), time.process_time()
             losses = loop.micro_step(batch)
             if isinstance(losses, dict):
                 [float(v) for v in losses.values()]  # the trainer's losses are tensors; read them as the bare loop does
             out.append(time.perf_counter() - started)
+            out_cpu.append(time.process_time() - started_cpu)
+    interleaved.cpu = cpu  # CPU seconds per step, beside the wall times returned
     return times
+
+
+def describe(name: str, wall: list[float], cpu: list[float], skip: int) -> str:
+    """Median wall and CPU ms per step with the interquartile range of the wall time."""
+    q = statistics.quantiles(wall[skip:], n=4)
+    return (f"{name} {statistics.median(wall[skip:]) * 1000:.1f} ms/step wall (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f}), "
+            f"{statistics.median(cpu[skip:]) * 1000:.1f} ms CPU")
 
 
 def train_run(store: Path, run_dir: Path, nproc: int, steps: int) -> dict:
@@ -163,8 +173,8 @@ def main() -> None:
         bare_ms, ours_ms = (statistics.median(t[skip:]) * 1000 for t in (bare, ours))
         print(f"fixed batches of {config.train.micro_batch} x 3 x {args.size}², reference_ae "
               f"{config.method.options}, {precision}:")
-        print(f"  bare PyTorch loop{' (autocast bf16)' if bare_loop.autocast else ''} {bare_ms:.1f} ms/step, "
-              f"tessera trainer {ours_ms:.1f} ms/step, trainer/bare = {ours_ms / bare_ms:.3f}")
+        print(f"  {describe('bare PyTorch loop' + (' (autocast bf16)' if bare_loop.autocast else ''), bare, interleaved.cpu[0], skip)}")
+        print(f"  {describe('tessera trainer', ours, interleaved.cpu[1], skip)}; trainer/bare = {ours_ms / bare_ms:.3f}")
         return ours_ms
 
     fp32_ms = fixed_run("fp32")
@@ -192,11 +202,9 @@ def main() -> None:
     gan_batches = fixed_batches(args.steps, 64, 16)
     bare, ours = interleaved(gan_batches, BareGAN(gan.train.lr, (0.0, 0.99)), TrainerSteps(trainer))
     bare_ms, ours_ms = (statistics.median(t[skip:]) * 1000 for t in (bare, ours))
-    spread = [statistics.quantiles(t[skip:], n=4) for t in (bare, ours)]
-    print(f"two-phase GAN step (Gmain, Dmain), batches of 16 x 3 x 64², fp32:")
-    print(f"  bare PyTorch two-optimiser loop {bare_ms:.1f} ms/step (IQR {spread[0][0] * 1000:.1f}-"
-          f"{spread[0][2] * 1000:.1f}), tessera phase loop {ours_ms:.1f} ms/step (IQR {spread[1][0] * 1000:.1f}-"
-          f"{spread[1][2] * 1000:.1f}), trainer/bare = {ours_ms / bare_ms:.3f}")
+    print("two-phase GAN step (Gmain, Dmain), batches of 16 x 3 x 64², fp32:")
+    print(f"  {describe('bare PyTorch two-optimiser loop', bare, interleaved.cpu[0], skip)}")
+    print(f"  {describe('tessera phase loop', ours, interleaved.cpu[1], skip)}; trainer/bare = {ours_ms / bare_ms:.3f}")
 
 
 if __name__ == "__main__":

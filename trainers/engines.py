@@ -59,8 +59,10 @@ def deepspeed_config(train: TrainConfig, precision: str, group: str | None = Non
         config["optimizer"] = {"type": "AdamW" if settings["weight_decay"] else "Adam",
                                "params": {"lr": settings["lr"], "betas": list(settings["betas"]),
                                           "weight_decay": settings["weight_decay"], "torch_adam": True}}
-    if train.clip_grad is not None and not own_clipping(train, precision):
-        config["gradient_clipping"] = train.clip_grad
+    # Always said: DeepSpeed's default is to clip at 1.0, so leaving the key out when clip_grad is null (or
+    # when the loop clips itself) would clip anyway.
+    config["gradient_clipping"] = train.clip_grad if train.clip_grad is not None and \
+        not own_clipping(train, precision) else 0.0
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -87,6 +89,8 @@ def build_engines(method, train: TrainConfig, precision: str, period: str, reg_i
         else:
             engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
         load_safely(engine)
+        if engine.dp_world_size == 1:
+            engine.enable_backward_allreduce = False  # one rank: averaging gradients over it only copies them
         engines[group] = engine
     return engines
 
