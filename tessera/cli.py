@@ -192,12 +192,12 @@ def train(config: Optional[Path] = ConfigArg,
         except (RunLocked, UnsafeFileError, FileNotFoundError) as exc:
             _fail(str(exc))
         return
-    from trainers.dist import die_with_parent
+    from trainers.dist import guarded
 
     command = launch.command(path, resume)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # ranks share the cores
     # The launcher dies with this process (and each rank with the launcher): no orphan outlives a kill -9.
-    code = subprocess.run(command, env=env, preexec_fn=die_with_parent).returncode
+    code = subprocess.run(guarded(command), env=env).returncode
     if code:
         _fail(f"training failed (exit {code}); see {path / 'log.txt'}; rerun with --run-dir {path} --resume",
               code=code)

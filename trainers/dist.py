@@ -59,8 +59,8 @@ class DistEnv:
 def die_with_parent(signal_number: int | None = None) -> None:
     """Ask Linux to send this process ``signal_number`` (default SIGTERM) when its parent dies, so that
     `kill -9` of `tessera train` does not leave torchrun and its ranks training as orphans (they would
-    keep writing checkpoints beside a resumed run). Used as the launcher's ``preexec_fn`` and by each rank
-    at start. A no-op where prctl does not exist (macOS)."""
+    keep writing checkpoints beside a resumed run). The launcher gets it through :func:`guarded`; each rank
+    asks for it at start (:func:`die_with_launcher`). A no-op where prctl does not exist (macOS)."""
     import ctypes
     import signal
 
@@ -72,6 +72,24 @@ def die_with_parent(signal_number: int | None = None) -> None:
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, int(number), 0, 0, 0)
 
+
+
+# Run as `python -c GUARD COMMAND…`: ask for SIGTERM when the parent (`tessera train`) dies, check it has not
+# died already, then become COMMAND (exec keeps the request). A wrapper rather than subprocess's
+# preexec_fn, which is unsafe in a process that has threads (torch starts some at import).
+_GUARD = ("import ctypes, os, signal, sys\n"
+          "ctypes.CDLL('libc.so.6').prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+          "if os.getppid() == 1: sys.exit('error: tessera train is gone; not starting ' + sys.argv[1])\n"
+          "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
+def guarded(command: list[str]) -> list[str]:
+    """``command`` started so that it dies with this process (see :func:`die_with_parent`), on Linux."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _GUARD, *command]
 
 
 def die_with_launcher() -> None:
