@@ -65,24 +65,28 @@ def init_store(store: str | Path) -> Path:
     return root
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: str | Path, write) -> Path:
+    """``write(partial_path)`` into a private partial name beside ``path``, then renamed over it: a reader
+    never sees a half-written file under the final name, and a write cut short (a kill, a full disk)
+    leaves nothing behind."""
+    path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
-        partial.write_text(text)
+        write(partial)
         partial.replace(path)
     finally:
-        partial.unlink(missing_ok=True)  # a write cut short (disk full) leaves nothing behind
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda partial: partial.write_text(text))
 
 
 def atomic_write_parquet(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        pq.write_table(table, partial)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    atomic_write(path, lambda partial: pq.write_table(table, partial))
 
 
 class Manifest:

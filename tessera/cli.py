@@ -179,8 +179,8 @@ def train(config: Optional[Path] = ConfigArg,
         path = create_run_dir(resolved, resolved.name, resolved.runs_dir, path=run_dir).path
     typer.echo(f"run directory: {path}")
     if launch.in_process and "RANK" not in os.environ:
-        from trainers.files import UnsafeFileError
         from tessera.worker import run
+        from trainers.files import UnsafeFileError
         from trainers.loop import TrainingDiverged
         from trainers.run_dir import RunLocked
 
@@ -207,8 +207,8 @@ def _check_statistics_file(resolved) -> None:
     """A given train.statistics_file is read (safely) before any rank starts or any directory is made."""
     if resolved.train.statistics_file is None:
         return
-    from trainers.files import UnsafeFileError
     from trainers.checkpoint import load_statistics
+    from trainers.files import UnsafeFileError
 
     try:
         load_statistics(resolved.train.statistics_file, "train.statistics_file")
@@ -266,11 +266,11 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
 
 def _run_store(run_dir: Path) -> str | None:
     """The store a run was trained on (its config's data.store), for messages; None if unreadable."""
-    import yaml
+    from tessera.config import ConfigError, load_config
 
     try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["store"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return load_config(run_dir / "config.yaml").data.store
+    except ConfigError:
         return None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_plane.store import atomic_write_text
 from trainers.files import load_file, numpy_state_from_tensors, numpy_state_to_tensors, python_state_from_plain, \
     python_state_to_plain, save_file
 
@@ -45,9 +46,7 @@ def save_checkpoint(trainer) -> str:
     dist.barrier()
     if trainer.env.is_main:
         latest = folder / "latest.json"
-        partial = latest.with_suffix(".partial")
-        partial.write_text(json.dumps({"tag": tag, "step": trainer.step, "phase": trainer.period}))
-        partial.replace(latest)
+        atomic_write_text(latest, json.dumps({"tag": tag, "step": trainer.step, "phase": trainer.period}))
         _prune(folder, list(trainer.engines), keep=tag, count=trainer.train.keep_checkpoints)
         trainer.log.log(f"checkpoint {tag} written")
     dist.barrier()

@@ -12,12 +12,11 @@ Each file carries ``format`` (what it is), ``format_version`` and the ``tessera`
 
 from __future__ import annotations
 
-import os
 import pickle
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 import torch
 
@@ -40,15 +39,10 @@ def tessera_version() -> str:
 def save_file(payload: dict, path: str | Path, kind: str) -> Path:
     """``payload`` (tensors and plain values) under ``path``, tagged as ``kind``; written to a partial name
     first, so a file cut short by a kill or a full disk never stands under the final name."""
-    path = Path(path)
+    from data_plane.store import atomic_write
+
     bundle = {"format": kind, "format_version": FORMAT_VERSION, "tessera": tessera_version(), **payload}
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        torch.save(bundle, partial)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda partial: torch.save(bundle, partial))
 
 
 def load_file(path: str | Path, kind: str | tuple[str, ...], what: str | None = None) -> dict:

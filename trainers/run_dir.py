@@ -130,15 +130,13 @@ def record_resume_overrides(path: Path, config: StrictConfig, overrides: list[st
     """A resume with ``--set``: config.yaml becomes the config the run continues with (written whole, then
     renamed); ``overrides.jsonl`` keeps when and from which step each change applied, and command.txt every
     command, so the directory still says how its weights were made."""
-    import os
+    from data_plane.store import atomic_write_text
 
     latest = path / "checkpoints" / "latest.json"
     step = json.loads(latest.read_text())["step"] if latest.is_file() else 0
     with open(path / "overrides.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"time": round(time.time(), 3), "from_step": step, "set": overrides}) + "\n")
-    partial = path / f".config.yaml.{os.getpid()}.partial"
-    partial.write_text(config.to_yaml())
-    partial.replace(path / "config.yaml")
+    atomic_write_text(path / "config.yaml", config.to_yaml())
     with open(path / "command.txt", "a", encoding="utf-8") as f:
         f.write(shlex.join(command) + "\n")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from data_plane.store import atomic_write
+
 
 def due(images_before: int, images_after: int, snapshot_kimg: float | None) -> bool:
     """Whether a step from ``images_before`` to ``images_after`` images crossed a multiple of the period."""
@@ -45,9 +47,7 @@ def write_snapshot(run_dir: Path, kimg: float, shown: dict | None, save_weights,
             best = json.loads(best_file.read_text()) if best_file.is_file() else None
             better = best is None or (metrics[metric] < best["value"] if mode == "min" else metrics[metric] > best["value"])
             if better:
-                partial = Path(run_dir) / ".best.pt.partial"
-                shutil.copyfile(folder / "model.pt", partial)
-                partial.replace(Path(run_dir) / "best.pt")
+                atomic_write(Path(run_dir) / "best.pt", lambda partial: shutil.copyfile(folder / "model.pt", partial))
                 best_file.write_text(json.dumps({"metric": metric, "value": metrics[metric], "kimg": kimg,
                                                  "snapshot": folder.name}, indent=1))
                 log(f"best snapshot so far: {metric} = {metrics[metric]:.4g} at {kimg:g} kimg -> best.pt")

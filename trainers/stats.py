@@ -60,9 +60,8 @@ class NonFiniteWatch:
     def watch(self, phase: str, loss: torch.Tensor, step: int) -> None:
         if phase not in self.first:
             self.first[phase] = torch.full((), -1, dtype=torch.int64, device=self.device)
-        bad = ~torch.isfinite(loss.detach()).all()
         first = self.first[phase]
-        first.copy_(torch.where(bad & (first < 0), torch.full_like(first, step), first))
+        first.masked_fill_(~torch.isfinite(loss.detach()).all() & (first < 0), step)
 
     def check(self, world_size: int) -> tuple[str, int] | None:
         """(phase, step) of the earliest non-finite loss on any rank, or None; one collective."""

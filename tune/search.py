@@ -181,9 +181,9 @@ def _multi_rank_trial(params: dict, base: dict, experiment: Path, folds, trial_i
 
 
 def _write_json(path: Path, value) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value))
-    partial.replace(path)
+    from data_plane.store import atomic_write_text
+
+    atomic_write_text(path, json.dumps(value))
 
 
 def tune_experiment(config, config_path: str | None, samples: int | None = None, folds: int | None = None,

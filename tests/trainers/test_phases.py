@@ -73,7 +73,7 @@ def test_each_phase_runs_its_own_forward_on_its_interval_and_sees_the_latest_wei
         # D's last forward saw G as the G phases of this very step left it, not a stale G
         assert trainer.method.d_saw_g.item() == fingerprint(trainer.method.G).item()
         assert any(not torch.equal(v, trainer.method.G.state_dict()[k]) for k, v in g_before.items())
-    assert len(consumed) == 2 * sum(calls(trainer).values()) // 2  # every phase fetched its own batches
+    assert len(consumed) == sum(calls(trainer).values())  # every phase call fetched its own batch
     assert trainer.group_steps == {"G": 7, "D": 7, "E": 7}  # reg phases do not advance the schedules
 
 
@@ -189,8 +189,6 @@ def test_two_rank_gan_killed_and_resumed_ends_bit_identical(sample_store, tmp_pa
     assert dict(zip(PHASES, final["state"]["calls"].tolist())) == \
         {"Gmain": 36, "Greg": 18, "Emain": 36, "Dmain": 36, "Dreg": 12}
     g = {k[2:]: v for k, v in final["state"].items() if k.startswith("G.")}
-    from torch import nn
-
     live = toy_methods.ToyGAN3(toy_methods.ToyGAN3.Config()).G
     live.load_state_dict(g)
     assert final["state"]["d_saw_g"].item() == fingerprint(live).item()  # the last D step saw the final G
