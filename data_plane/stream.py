@@ -3,7 +3,9 @@
 Sharding: an epoch's order is a permutation of the selected tiles drawn from ``(seed, epoch)``;
 rank r takes every world_size-th tile starting at r, and its dataloader worker w every
 num_workers-th tile of that share starting at w. So within one epoch every selected tile is read
-exactly once across all ranks and workers, and ranks' shares differ by at most one tile.
+exactly once across all ranks and workers, and ranks' shares differ by at most one tile. Batched
+streams cut the order into global batches instead, rank r taking the r-th micro-batch of each (see
+``ShardedStream._batches``), so training on W ranks sees what one rank accumulating W batches sees.
 
 Each item is a dict: ``image`` (3, H, W) float32 in [0, 1], ``slide_id``, ``level0_yx`` (int64 [2],
 level-0 pixel of the image's top-left corner), ``label`` ("normal" / "anomalous" / "uncertain"),
@@ -234,20 +236,29 @@ class ShardedStream(IterableDataset):
             return np.arange(self.num_items())
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_items())
 
-    def _share(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's items of an epoch. The endless training stream pads the epoch's order by wrapping
-        round to a multiple of world_size (as torch's DistributedSampler does), so every rank has as many
-        items, hence as many batches, per epoch and an epoch means the same on every rank; a finite stream
+    def _order(self, epoch: int | None = None) -> np.ndarray:
+        """The epoch's order as the ranks share it. The endless training stream pads it by wrapping round
+        to a multiple of world_size (as torch's DistributedSampler does), so every rank has as many items,
+        hence as many batches, per epoch and an epoch means the same on every rank; a finite stream
         (evaluation) never repeats an item."""
         order = self.epoch_order(epoch)
         if getattr(self, "_endless_from", None) is not None and self.world_size > 1 and len(order):
             order = np.resize(order, -(-len(order) // self.world_size) * self.world_size)
-        return order[self.rank::self.world_size]
+        return order
 
-    def _batches(self) -> list[np.ndarray]:
-        share = self._share()
-        size = self.batch_size
-        return [share[i:i + size] for i in range(0, len(share), size)][self._skip_batches:]
+    def _batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's batches of an epoch. The epoch's order is cut into global batches of
+        world_size x batch_size items and rank r takes the r-th slice of each, so W ranks at batch B see
+        the same micro-batches as one rank accumulating W batches of B (batch k·W + r there): a run's
+        numbers do not depend on how it is split over ranks. A short last global batch is split evenly."""
+        order, size, world = self._order(epoch), self.batch_size, self.world_size
+        batches = []
+        for start in range(0, len(order), size * world):
+            part = np.array_split(order[start:start + size * world], world)[self.rank] \
+                if len(order) - start < size * world else order[start + self.rank * size:start + (self.rank + 1) * size]
+            if len(part):
+                batches.append(part)
+        return batches[self._skip_batches:] if epoch is None else batches
 
     def my_share(self) -> list:
         """This reader's work: item indices, or index arrays (one per batch) for batched streams."""
@@ -270,7 +281,7 @@ class ShardedStream(IterableDataset):
         return self
 
     def batches_per_epoch(self) -> int:
-        return -(-len(self._share(0)) // self.batch_size)
+        return len(self._batches(0))
 
     def _emit_endless(self, make_item):
         from torch.utils.data import default_collate

@@ -2,7 +2,8 @@
 
 ``checkpoints/<group>/<tag>/`` holds each engine's DeepSpeed checkpoint (weights, optimiser state);
 ``checkpoints/state/<tag>/rank<R>.pt`` each rank's own state: step, epoch, stream position, period,
-per-group step counters, G_ema, the run-wide average, the tick's statistics and RNG states.
+per-group step counters, G_ema, the run-wide average, the statistics of the tick and of the method's
+next adjust(), and RNG states.
 ``latest.json`` is replaced last, so a checkpoint cut short is never the one resumed. Every file is
 read with weights_only=True (trainers/files.py).
 """
@@ -38,7 +39,8 @@ def save_checkpoint(trainer) -> str:
                "phase": trainer.period, "group_steps": dict(trainer.group_steps),
                "average": trainer.average.state_dict() if trainer.average is not None else None,
                "g_ema": trainer.g_ema.state_dict() if trainer.g_ema is not None else None,
-               "stats": trainer.stats.state_dict(), "buffers": outside_groups(trainer.method),
+               "stats": trainer.stats.state_dict(), "adjusting": trainer.adjusting.state_dict(),
+               "buffers": outside_groups(trainer.method),
                "torch": torch.get_rng_state(), "numpy": numpy_state_to_tensors(np.random.get_state()),
                "python": python_state_to_plain(random.getstate()),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -98,6 +100,8 @@ def load_checkpoint(trainer) -> bool:
         trainer.method.load_state_dict(state["buffers"], strict=False)
     if state.get("stats") is not None:
         trainer.stats.load_state_dict(state["stats"])
+    if state.get("adjusting") is not None:
+        trainer.adjusting.load_state_dict(state["adjusting"])
     torch.set_rng_state(state["torch"])
     np.random.set_state(numpy_state_from_tensors(state["numpy"]))
     random.setstate(python_state_from_plain(state["python"]))

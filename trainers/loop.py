@@ -91,6 +91,7 @@ class Trainer:
         self.images_per_step = self.train.micro_batch * self.train.grad_accum * env.world_size
         self.total_steps = self.train.steps + (self.train.swa.steps if self.train.swa else 0)
         self.stats, self.watch = TickStats(device), NonFiniteWatch(device)
+        self.adjusting = TickStats(device, vectors=True)  # what method.adjust() gets, since its last call
         self.checkpoints = self.run_dir / "checkpoints"
         self._tensorboard = None  # created on the main rank at the first tick
         self._running = None
@@ -164,22 +165,31 @@ class Trainer:
         """One optimiser step of the run: every phase due at this step, each on its own batches."""
         state = self.state()
         clip = own_clipping(self.train, self.precision)
-        for phase in self.phases:
+        world, rank = self.env.world_size, self.env.rank
+        for index, phase in enumerate(self.phases):
             if self.step % phase.interval:
                 continue
             engine = self.engines[phase.group]
             self._only_train(phase.group)
             set_lr(engine, self.lr(phase.group))
-            for _ in range(self.train.grad_accum):
-                batch = _to_device(next_batch(), self.device, self.dtype)
+            for micro in range(self.train.grad_accum):
+                # micro-batch number micro * world + rank: the one that one rank accumulating W batches
+                # gives this rank's batch (the stream hands batches out the same way)
+                torch.manual_seed(micro_seed(self.config.seed, self.step, index, micro * world + rank))
+                batch = _to_device(next_batch(), self.device, self.dtype) if phase.data else \
+                    {"batch_size": self.train.micro_batch}
                 with self._autocast():
                     out = phase.loss(batch, state)
                 loss = out["loss"] if isinstance(out, dict) else out
                 self.watch.watch(phase.name, loss, self.step)
                 self.stats.add(f"loss/{phase.name}", loss)
                 for name, value in (out.items() if isinstance(out, dict) else ()):
-                    if name != "loss":
+                    if name == "loss":
+                        continue
+                    if value.numel() == 1:  # vectors (w's mean) go to adjust() only, not the tick's record
                         self.stats.add(name, value)
+                    if self.method.adjust_interval:
+                        self.adjusting.add(name, value)
                 engine.backward(loss)
                 if clip and engine.is_gradient_accumulation_boundary():
                     torch.nn.utils.clip_grad_norm_(self.trainable[phase.group], self.train.clip_grad, foreach=True)
@@ -189,6 +199,11 @@ class Trainer:
         self._only_train(None)
         self.step += 1
         self._after_step()
+        interval = self.method.adjust_interval
+        if interval and self.step % interval == 0:
+            # one collective on every rank at the same step; the same means reach every rank's method
+            self.method.adjust(self.adjusting.reduce(world), self.state(), interval * self.images_per_step)
+            self.adjusting.clear()
 
     def _only_train(self, group: str | None) -> None:
         """Gradients flow into ``group``'s parameters only (all groups with None): another group's networks
@@ -455,6 +470,12 @@ class Trainer:
         if self.env.world_size > 1:
             dist.barrier()
         self.method.set_statistics(load_statistics(path))
+
+
+def micro_seed(seed: int, step: int, phase: int, micro: int) -> int:
+    """The seed of one phase's micro-batch: a hash of (run seed, step, phase, micro-batch number), so the
+    random numbers of a step depend on neither the rank count nor where a run was resumed."""
+    return int(np.random.SeedSequence([seed, step, phase, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def compute_statistics(method, stream, batches: int, device: torch.device) -> dict:

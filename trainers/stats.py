@@ -9,34 +9,44 @@ import torch
 
 
 class TickStats:
-    """Per-name running sums and counts of reported scalars (tensors on the device)."""
+    """Per-name running sums and counts of reported values (tensors on the device): a scalar's mean, or a
+    vector's elementwise mean (``vectors=True``: a method's running statistics such as w's mean)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, vectors: bool = False):
+        self.device, self.vectors = device, vectors
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().float().mean()
+        value = value.detach().float()
+        value = value.flatten() if self.vectors and value.numel() > 1 else value.mean()
         if name not in self.sums:
-            self.sums[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.sums[name] = torch.zeros(value.shape, dtype=torch.float64, device=self.device)
             self.counts[name] = torch.zeros((), dtype=torch.float64, device=self.device)
         self.sums[name] += value
         self.counts[name] += 1
 
-    def reduce(self, world_size: int) -> dict[str, float]:
-        """Means over the tick and all ranks, in one collective. Every rank reports the same names, since
-        the phases and methods run the same code on each."""
+    def reduce(self, world_size: int) -> dict:
+        """Means over the tick and all ranks, in one collective: floats, and CPU tensors for vectors. Every
+        rank reports the same names and shapes, since the phases and methods run the same code on each."""
         names = sorted(self.sums)
         if not names:
             return {}
-        table = torch.stack([torch.stack([self.sums[n] for n in names]), torch.stack([self.counts[n] for n in names])])
+        table = torch.cat([*(self.sums[n].reshape(-1) for n in names), torch.stack([self.counts[n] for n in names])])
         if world_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(table)
-        means = (table[0] / table[1].clamp_min(1)).cpu().tolist()
-        return {name: value for name, value, count in zip(names, means, table[1].cpu().tolist()) if count}
+        table = table.cpu()
+        counts = table[-len(names):].tolist()
+        out, start = {}, 0
+        for name, count in zip(names, counts):
+            size = self.sums[name].numel()
+            mean = table[start:start + size] / max(count, 1)
+            start += size
+            if count:
+                out[name] = mean.reshape(self.sums[name].shape).float() if self.sums[name].ndim else float(mean)
+        return out
 
     def clear(self) -> None:
         self.sums.clear()

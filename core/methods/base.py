@@ -15,6 +15,9 @@ checkpoints, and calls only what is named here:
                                 frozen extractor nor a discriminator; evaluation and export use the average,
 - ``snapshot(reals, state, networks)``  what the method shows every ``train.snapshot_kimg`` (image grids,
                                 metrics); ``None`` when it shows nothing,
+- ``adjust(stats, state, images)`` every ``adjust_interval`` steps: settings the method tunes from the
+                                run's own statistics, reduced over ranks (ADA's augmentation strength, the
+                                path-length mean); every rank gets the same numbers, so they stay equal,
 - ``statistics(batches)`` / ``set_statistics(stats)``  feature statistics computed once per run (DPA's
                                 μ, σ); only when ``uses_statistics``,
 - ``sample_score(voxel_scores)`` a volume's score from its voxel map (default: the mean of the top 0.1 %).
@@ -37,11 +40,16 @@ class Phase:
 
     ``loss(batch, state)`` runs the phase's own forward on a fresh batch and returns its loss, or a dict
     with ``"loss"`` and any scalars to report (``"D/real_sign"``…), which the trainer averages over ranks
-    once per tick. The trainer backpropagates the loss into ``group``'s parameters only (the method stops
+    once per tick, and vectors (``"G/w_mean"``), which only ``Method.adjust`` gets (elementwise means). The trainer backpropagates the loss into ``group``'s parameters only (the method stops
     gradients into other groups, e.g. ``requires_grad_(False)`` on D for G's loss) and steps that group's
     optimiser. The phase runs on steps where ``step % interval == 0``; a ``regularisation`` phase with
     interval I (lazy regularisation) scales its group's learning rate and Adam betas by I / (I + 1), as
-    the StyleGAN2 paper does, and should multiply its loss by I itself.
+    the StyleGAN2 paper does, and should multiply its loss by I itself. A phase with ``data=False`` (a
+    generator's, which draws only latents) reads no tiles: its batch is ``{"batch_size": B}``.
+
+    Random numbers drawn in a phase come from a generator the trainer seeds per micro-batch from (run
+    seed, step, phase, micro-batch number across ranks and accumulation), so W ranks draw what one rank
+    accumulating W micro-batches draws, and a resumed run draws what the uninterrupted one did.
     """
 
     name: str                       # unique within the method; logged as loss/<name>
@@ -49,6 +57,7 @@ class Phase:
     loss: PhaseLoss                 # (batch, StepState) -> loss or {"loss": …, "<stat>": …}
     interval: int = 1               # run every `interval` steps (1: every step)
     regularisation: bool = False    # a lazy-regularisation phase (see above)
+    data: bool = True               # False: the phase reads no batch of tiles (it gets {"batch_size": B})
 
     def __post_init__(self):
         if self.interval < 1:
@@ -60,6 +69,7 @@ class Method(nn.Module):
 
     Config: type
     uses_statistics: bool = False   # True: the trainer computes statistics() once and calls set_statistics()
+    adjust_interval: int = 0        # > 0: the trainer calls adjust() every this many steps
 
     def groups(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -87,6 +97,13 @@ class Method(nn.Module):
         are ``ema_networks()`` as averaged (the live ones when there is no average)."""
         return None
 
+    def adjust(self, stats: dict[str, float], state, images: int) -> None:
+        """Called every ``adjust_interval`` steps with the means of the scalars the phases reported since
+        the last call, over all ranks and micro-batches (names absent when no phase reported them), the
+        state after the step and the images trained on since the last call. Whatever it changes must live
+        in buffers, which checkpoints keep."""
+        raise NotImplementedError
+
     def statistics(self, batches: list[dict]) -> dict:
         raise NotImplementedError
 
@@ -103,6 +120,8 @@ def check_method_class(name: str, cls: type) -> None:
     missing = [hook for hook in ("groups", "score") if getattr(cls, hook) is getattr(Method, hook)]
     if cls.phases is Method.phases and cls.training_step is Method.training_step:
         missing.append("phases or training_step")
+    if getattr(cls, "adjust_interval", 0) and cls.adjust is Method.adjust:
+        missing.append("adjust (adjust_interval is set)")
     if cls.uses_statistics and (cls.statistics is Method.statistics or cls.set_statistics is Method.set_statistics):
         missing.append("statistics and set_statistics (uses_statistics is True)")
     if missing:
