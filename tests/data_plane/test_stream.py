@@ -273,3 +273,27 @@ def test_endless_ranks_stay_in_the_same_epoch_when_shares_straddle_a_batch(sampl
     for epoch in range(6):  # every tile in every epoch, one repeated to even the shares
         seen = [i for rank in per_rank for b in rank[2 * epoch: 2 * epoch + 2] for i in b["index"].tolist()]
         assert len(seen) == 48 and set(seen) == set(range(47))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_the_micro_batches_one_rank_accumulating_would(sample_store, world_size):
+    """W ranks at micro-batch B: rank r's k-th batch is one rank's batch k·W + r (same global batches, so
+    a run's numbers do not depend on how it is split over ranks); a short last global batch is shared."""
+    from itertools import islice
+
+    config = StreamConfig(min_tissue_fraction=0.9, seed=2)
+    assert len(TileStream(sample_store, config).tiles) == 24
+    one = [b["index"].tolist() for b in islice(DataLoader(
+        TileStream(sample_store, config).batched(4).endless(0), batch_size=None), 12)]
+    for rank in range(world_size):
+        stream = TileStream(sample_store, config, rank=rank, world_size=world_size).batched(4)
+        got = [b["index"].tolist() for b in islice(DataLoader(stream.endless(0), batch_size=None), 12)]
+        if world_size == 2:  # 24 tiles = 3 global batches of 8: exactly one rank's batches, interleaved
+            assert got[:6] == one[rank::2]
+        epoch0 = [i for b in got[:stream.batches_per_epoch()] for i in b]
+        assert len(epoch0) == 24 // world_size
+    if world_size == 3:  # 24 tiles, global batches of 12: two per epoch, every tile once
+        shares = [[i for b in islice(DataLoader(TileStream(sample_store, config, rank=r, world_size=3).batched(4)
+                                                .endless(0), batch_size=None), 2) for i in b["index"].tolist()]
+                  for r in range(3)]
+        assert sorted(sum(shares, [])) == sorted(i for b in one[:6] for i in b)
