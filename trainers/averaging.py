@@ -73,6 +73,7 @@ def recompute_batchnorm(model, batches, count: int, state: StepState, device, dt
     model.train()
     first = model.phases()[0]
     for _ in range(count):
-        first.loss(to_device(next(batches), device, dtype), state)
+        batch = to_device(next(batches), device, dtype)
+        first.loss(batch if first.data else {"batch_size": len(batch["image"])}, state)
     for m, momentum in momenta.items():
         m.momentum = momentum

@@ -60,6 +60,10 @@ def test_registration_checks_the_method_contract():
         register_method("_plain_module")(type("Plain", (nn.Module,), {"Config": dict}))
     with pytest.raises(TypeError, match="does not define groups, score, phases or training_step"):
         register_method("_empty")(type("Empty", (Method,), {"Config": dict}))
+    adjusting = {"Config": dict, "adjust_interval": 4, "groups": lambda self: {}, "score": lambda self, b: None,
+                 "training_step": lambda self, b, s=None: {}}
+    with pytest.raises(TypeError, match=r"does not define adjust \(adjust_interval is set\)"):
+        register_method("_no_adjust")(type("NoAdjust", (Method,), adjusting))
 
 
 def test_scores_have_the_documented_shapes(method):
