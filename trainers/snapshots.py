@@ -37,6 +37,8 @@ def write_snapshot(run_dir: Path, kimg: float, shown: dict | None, save_weights,
     metrics = {k: float(v) for k, v in (shown.get("metrics") or {}).items()}
     save_weights(folder / "model.pt")
     (folder / "metrics.json").write_text(json.dumps({"kimg": kimg, **metrics}, indent=1))
+    if metrics:
+        plot_curves(Path(run_dir) / "snapshots")
     record = {"snapshot_kimg": kimg, **{f"snapshot/{k}": v for k, v in metrics.items()}}
     if metric is not None:
         if metric not in metrics:
@@ -52,6 +54,33 @@ def write_snapshot(run_dir: Path, kimg: float, shown: dict | None, save_weights,
                                                  "snapshot": folder.name}, indent=1))
                 log(f"best snapshot so far: {metric} = {metrics[metric]:.4g} at {kimg:g} kimg -> best.pt")
     return record
+
+
+def plot_curves(folder: Path) -> Path:
+    """``snapshots/curves.png``: every snapshot metric against kimg, one panel per metric, a metric's
+    baseline (``<name> real``: real against real) dashed in its panel. Redrawn after each snapshot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(f.read_text()) for f in sorted(folder.glob("kimg*/metrics.json"))]
+    names = sorted({k for r in rows for k in r if k != "kimg" and not k.endswith(" real")})
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = [(r["kimg"], r[name]) for r in rows if name in r]
+        ax.plot(*zip(*points), marker="o", label="generated vs real")
+        baseline = [(r["kimg"], r[f"{name} real"]) for r in rows if f"{name} real" in r]
+        if baseline:
+            ax.plot(*zip(*baseline), linestyle="--", color="grey", label="real vs real")
+            ax.legend(fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("kimg")
+    fig.tight_layout()
+    out = folder / "curves.png"
+    atomic_write(out, lambda partial: fig.savefig(partial, format="png", dpi=110))
+    plt.close(fig)
+    return out
 
 
 def first_batch(stream, device, to_device) -> dict:

@@ -66,6 +66,12 @@ class StyleGAN2Config(StrictConfig):
     ada_interval: int = Field(4, ge=1)                 # steps between adjustments
     ada_kimg: float = Field(500, gt=0)                 # thousands of images for p to go 0 -> 1
     truncation_psi: float = Field(1.0, ge=0)           # ψ of snapshot grids (1: no truncation)
+    metrics: bool = True                               # FD/KD of G_ema at every snapshot, beside real vs real
+    metrics_feature: Literal["efficientnet_lite0", "inception"] = "efficientnet_lite0"  # inception: real FID
+                                                       # (weights from inception_weights or the hub cache)
+    inception_weights: str | None = None
+    metrics_images: int = Field(512, ge=4)             # generated images per snapshot (and at most as many
+                                                       # reals: train.statistics_batches x micro_batch / 2)
     fused_modconv: bool = False                        # one grouped convolution per layer instead of styles on
                                                        # the activations (same numbers; split measured faster
                                                        # on CPU for training and generation: bench/stylegan2.py)
@@ -84,6 +90,7 @@ class StyleGAN2Config(StrictConfig):
 class StyleGAN2(Method):
     Config = StyleGAN2Config
     adjust_interval = 4
+    uses_statistics = True  # the real images' features, for FD/KD at snapshots (empty when metrics is off)
 
     def __init__(self, config: StyleGAN2Config):
         super().__init__()
@@ -96,6 +103,8 @@ class StyleGAN2(Method):
         self.register_buffer("pl_mean", torch.zeros(()))
         self.adjust_interval = c.ada_interval
         self._compiled: dict = {}
+        self._embedder = None                                  # built at the first snapshot; never saved
+        self.real_features: torch.Tensor | None = None
 
     def groups(self):
         return {"G": self.G, "D": self.D}
@@ -225,15 +234,47 @@ class StyleGAN2(Method):
     def score(self, batch: dict):
         return -self.D(self._reals(batch)).flatten().float(), None
 
+    def embedder(self):
+        from core.generator_metrics import Embedder
+
+        if self._embedder is None:
+            self._embedder = Embedder(self.config.metrics_feature, self.config.inception_weights).to(self.pl_mean.device)
+        return self._embedder
+
+    @torch.no_grad()
+    def statistics(self, batches: list[dict]) -> dict:
+        """The real tiles' features (FD/KD's reference), from the trainer's first statistics batches."""
+        if not self.config.metrics:
+            return {}
+        embed = self.embedder()
+        return {"real_features": torch.cat([embed(b["image"]) for b in batches]).float().cpu(),
+                "feature": self.config.metrics_feature}
+
+    def set_statistics(self, stats: dict) -> None:
+        self.real_features = stats.get("real_features")
+
     def snapshot(self, reals: dict, state, networks: dict):
         """A grid of G_ema's images from the same 16 latents at every snapshot (seeded, constant noise),
-        so snapshots show how one set of samples changes, and reals beside them."""
+        so snapshots show how one set of samples changes, and reals beside them; with ``metrics``, FD/KD
+        of ``metrics_images`` of G_ema's images (ψ = 1) against the reals, and the reals' own baseline."""
+        from core.generator_metrics import metric_names, with_baseline
+
         device = self.pl_mean.device
         z = torch.randn(16, self.config.z_dim, generator=torch.Generator().manual_seed(0)).to(device)
         fakes = self.synthesize(z, generator=networks["G"])
         shown = reals["image"][:16].float()
-        return {"images": {"fakes": fakes, "reals": shown},
-                "metrics": {"ada_p": float(self.augment_pipe.p), "pl_mean": float(self.pl_mean)}}
+        metrics = {"ada_p": float(self.augment_pipe.p), "pl_mean": float(self.pl_mean)}
+        if self.config.metrics and self.real_features is not None and len(self.real_features) >= 4:
+            count = min(self.config.metrics_images, len(self.real_features) // 2)
+            latents = torch.randn(count, self.config.z_dim, generator=torch.Generator().manual_seed(1))
+            embed = self.embedder()
+            features = torch.cat([embed(self.synthesize(chunk.to(device), psi=1.0, noise_mode="random",
+                                                        generator=networks["G"]))
+                                  for chunk in latents.split(64)])
+            out = with_baseline(self.real_features.to(device), features, kid_subset_size=min(count, 1000))
+            fd, kd = metric_names(self.config.metrics_feature)
+            metrics.update({fd: out["fd"], f"{fd} real": out["fd_real"], kd: out["kd"], f"{kd} real": out["kd_real"]})
+        return {"images": {"fakes": fakes, "reals": shown}, "metrics": metrics}
 
 
 def path_lengths(synthesis, ws: torch.Tensor, noise: torch.Tensor | None = None, fused: bool = False):

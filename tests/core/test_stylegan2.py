@@ -178,3 +178,19 @@ def test_tiles_of_the_wrong_size_are_refused_with_the_fix():
         method.score({"image": torch.rand(2, 3, 32, 32)})
     with pytest.raises(Exception, match="power of two"):
         create_method("stylegan2", {"resolution": 48})
+
+
+def test_snapshot_reports_fd_and_kd_beside_the_real_baseline():
+    torch.manual_seed(6)
+    method = create_method("stylegan2", {"resolution": 16, **SMALL, "metrics_images": 8})
+    reals = [{"image": torch.rand(8, 3, 16, 16)} for _ in range(3)]
+    stats = method.statistics(reals)
+    assert stats["real_features"].shape == (24, 320) and stats["feature"] == "efficientnet_lite0"
+    method.set_statistics(stats)
+    shown = method.snapshot(reals[0], None, {"G": method.G})
+    assert shown["images"]["fakes"].shape == (16, 3, 16, 16)
+    metrics = shown["metrics"]
+    assert metrics["FD-EffNetLite0"] > metrics["FD-EffNetLite0 real"] >= 0  # untrained G: far from the reals
+    assert "FID" not in metrics and "KD-EffNetLite0 real" in metrics
+    off = create_method("stylegan2", {"resolution": 16, **SMALL, "metrics": False})
+    assert off.statistics(reals) == {}

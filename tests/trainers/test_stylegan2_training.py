@@ -21,7 +21,7 @@ LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_P
 SETTINGS = ["method.name=stylegan2",
             "method.options={resolution: 16, channel_base: 256, channel_max: 32, z_dim: 16, w_dim: 16, "
             "mapping_layers: 2, d_reg_interval: 4, g_reg_interval: 2, r1_gamma: 1.0, augment_p: 0.2, "
-            "ada_kimg: 0.5, ada_interval: 2}",
+            "ada_kimg: 0.5, ada_interval: 2, metrics: false}",
             "data.stream.min_tissue_fraction=0.9", "data.stream.crop=random", "data.stream.crop_size=16",
             "data.stream.augment=flips", "train.micro_batch=4", "train.lr=0.0025", "train.betas=[0.0, 0.99]",
             "train.clip_grad=null", "train.precision=fp32", "train.num_workers=1", "train.log_every=2",
