@@ -21,8 +21,10 @@ three are buffers, the same on every rank (NVlabs' ranks each keep their own pat
 w_avg), kept by checkpoints: a resumed run continues with the same p (NVlabs' ADA restarts at p = 0
 unless told).
 
-Scoring: ``-D(x)``, the discriminator's doubt that a tile is real, a weak anomaly score; latent
-projection scores are the generator-metrics issue's (tessera's inversion).
+Scoring (``score``): ``discriminator``, −D(x), the discriminator's doubt that a tile is real (one pass,
+weak); ``projector``, the distance between x and the best reconstruction the projector finds in G_ema's
+W space (core/inversion.py), with its per-pixel map. core/methods/stylegan2_encoder.py trains an encoder
+that inverts in one pass.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ class StyleGAN2Config(StrictConfig):
     inception_weights: str | None = None
     metrics_images: int = Field(512, ge=4)             # generated images per snapshot (and at most as many
                                                        # reals: train.statistics_batches x micro_batch / 2)
+    score: Literal["discriminator", "projector"] = "discriminator"  # projector: the distance of the best
+                                                       # reconstruction G_ema finds (slow: projector_steps per batch)
+    projector_steps: int = Field(100, ge=1)
+    distance_net: Literal["efficientnet_lite0", "vgg16"] = "efficientnet_lite0"  # the projector's perceptual
+    distance_weights: str = "imagenet"                 # distance (vgg16: LPIPS's backbone, from a local file)
+    distance_pixel: float = Field(1.0, ge=0)           # weight of its pixel term
     fused_modconv: bool = False                        # one grouped convolution per layer instead of styles on
                                                        # the activations (same numbers; split measured faster
                                                        # on CPU for training and generation: bench/stylegan2.py)
@@ -103,7 +111,10 @@ class StyleGAN2(Method):
         self.register_buffer("pl_mean", torch.zeros(()))
         self.adjust_interval = c.ada_interval
         self._compiled: dict = {}
-        self._embedder = None                                  # built at the first snapshot; never saved
+        # built when first needed, kept out of the module tree (object.__setattr__): never saved, never
+        # moved or trained with the method
+        object.__setattr__(self, "_embedder", None)
+        object.__setattr__(self, "_distance", None)
         self.real_features: torch.Tensor | None = None
 
     def groups(self):
@@ -230,16 +241,37 @@ class StyleGAN2(Method):
         psi = self.config.truncation_psi if psi is None else psi
         return ((g(z, psi, noise_mode, fused=self._fused()) + 1) / 2).clamp(0, 1)
 
-    @torch.no_grad()
+    def distance(self):
+        from core.inversion import PerceptualDistance
+
+        if self._distance is None:
+            c = self.config
+            object.__setattr__(self, "_distance", PerceptualDistance(c.distance_net, c.distance_weights, c.distance_pixel,
+                                                                     size=max(c.resolution, 64)))
+        return self._distance.to(self.pl_mean.device)
+
     def score(self, batch: dict):
-        return -self.D(self._reals(batch)).flatten().float(), None
+        """discriminator: −D(x) (one pass); projector: how far the projection of x into G's W space stays
+        from x (perceptual + pixel), with its per-pixel map."""
+        reals = self._reals(batch)
+        if self.config.score == "discriminator":
+            with torch.no_grad():
+                return -self.D(reals).flatten().float(), None
+        from core.inversion import project
+
+        images = (reals + 1) / 2
+        distance = self.distance()
+        with torch.enable_grad():
+            out = project(self.G, images, distance, steps=self.config.projector_steps, fused=self._fused())
+        with torch.no_grad():
+            return out["distance"].float(), distance.map(out["reconstruction"], images).float()
 
     def embedder(self):
         from core.generator_metrics import Embedder
 
         if self._embedder is None:
-            self._embedder = Embedder(self.config.metrics_feature, self.config.inception_weights).to(self.pl_mean.device)
-        return self._embedder
+            object.__setattr__(self, "_embedder", Embedder(self.config.metrics_feature, self.config.inception_weights))
+        return self._embedder.to(self.pl_mean.device)
 
     @torch.no_grad()
     def statistics(self, batches: list[dict]) -> dict:

@@ -116,11 +116,15 @@ class SynthesisLayer(nn.Module):
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.register_buffer("resample_filter", setup_filter(), persistent=False)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", fused: bool = True):
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", fused: bool = True,
+                noise: torch.Tensor | None = None):
+        """``noise`` [N, 1, R, R], when given, replaces the noise_mode's (the projector optimises it)."""
         styles = self.affine(w)
         x = modulated_conv2d(x, self.weight, styles, up=self.up, padding=1, resample_filter=self.resample_filter,
                              fused=fused)
-        if noise_mode == "random":
+        if noise is not None:
+            x = x + noise.to(x.dtype) * self.noise_strength.to(x.dtype)
+        elif noise_mode == "random":
             x = x + torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device,
                                 dtype=x.dtype) * self.noise_strength.to(x.dtype)
         elif noise_mode == "const":
@@ -159,14 +163,19 @@ class SynthesisBlock(nn.Module):
         self.num_conv = 1 if in_channels == 0 else 2
         self.register_buffer("resample_filter", setup_filter(), persistent=False)
 
-    def forward(self, x, img, ws, noise_mode="random", fused=True):
-        """``ws`` [N, num_conv + 1, w_dim]: one per convolution, then ToRGB's."""
+    def layers(self) -> list[SynthesisLayer]:
+        return [self.conv1] if self.num_conv == 1 else [self.conv0, self.conv1]
+
+    def forward(self, x, img, ws, noise_mode="random", fused=True, noises=None):
+        """``ws`` [N, num_conv + 1, w_dim]: one per convolution, then ToRGB's; ``noises``: one per
+        convolution or None."""
+        noises = noises or [None] * self.num_conv
         if x is None:
             x = self.const.to(ws.dtype).unsqueeze(0).repeat(ws.shape[0], 1, 1, 1)
-            x = self.conv1(x, ws[:, 0], noise_mode, fused)
+            x = self.conv1(x, ws[:, 0], noise_mode, fused, noises[0])
         else:
-            x = self.conv0(x, ws[:, 0], noise_mode, fused)
-            x = self.conv1(x, ws[:, 1], noise_mode, fused)
+            x = self.conv0(x, ws[:, 0], noise_mode, fused, noises[0])
+            x = self.conv1(x, ws[:, 1], noise_mode, fused, noises[1])
         rgb = self.torgb(x, ws[:, self.num_conv], fused)
         img = rgb if img is None else upsample2d(img, self.resample_filter) + rgb
         return x, img
@@ -186,11 +195,17 @@ class SynthesisNetwork(nn.Module):
         # block b reads num_conv + 1 consecutive ws starting where the previous block's convolutions ended
         self.num_ws = sum(b.num_conv for b in self.blocks) + 1
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "random", fused: bool = True) -> torch.Tensor:
+    def noise_layers(self) -> list[SynthesisLayer]:
+        """The layers with noise inputs, in the order ``forward``'s ``noises`` lists them."""
+        return [layer for block in self.blocks for layer in block.layers()]
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "random", fused: bool = True,
+                noises: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = img = None
         start = 0
         for block in self.blocks:
-            x, img = block(x, img, ws[:, start:start + block.num_conv + 1], noise_mode, fused)
+            given = noises[start:start + block.num_conv] if noises is not None else None
+            x, img = block(x, img, ws[:, start:start + block.num_conv + 1], noise_mode, fused, given)
             start += block.num_conv
         return img
 

@@ -20,10 +20,27 @@ SMALL = {"reference_ae": {"width": 8, "depth": 3, "bottleneck": 8}, "fpi": {"bas
                        "mapping_layers": 2, "augment_p": 0.5}}
 
 
+@pytest.fixture(scope="session")
+def small_generator(tmp_path_factory):
+    """A (random) StyleGAN2 saved as a run's final.pt: what stylegan2_encoder inverts."""
+    import json
+
+    torch.manual_seed(0)
+    gan = create_method("stylegan2", SMALL["stylegan2"])
+    path = tmp_path_factory.mktemp("generator") / "final.pt"
+    torch.save({"method_json": json.dumps({"name": "stylegan2", "options": gan.config.model_dump(mode="json")}),
+                "state": gan.state_dict(), "ema": {"G": gan.G.state_dict()}}, path)
+    return path
+
+
 @pytest.fixture(params=method_names())
 def method(request):
+    options = SMALL.get(request.param, {})
+    if request.param == "stylegan2_encoder":
+        options = {"generator": str(request.getfixturevalue("small_generator")), "channel_base": 128,
+                   "channel_max": 16}
     torch.manual_seed(0)
-    return create_method(request.param, SMALL.get(request.param, {}))
+    return create_method(request.param, options)
 
 
 def batch(method, size=32, count=2):
