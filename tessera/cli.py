@@ -227,14 +227,28 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                  "data.volume_stream.score_smoothing."),
              normal_baseline: Optional[str] = typer.Option(
                  None, help="Volumes: split whose normals' mean score map is subtracted before the volume score "
-                 "('none' = off); default the run's data.volume_stream.normal_baseline.")) -> None:
+                 "('none' = off); default the run's data.volume_stream.normal_baseline."),
+             option: Optional[list[str]] = typer.Option(
+                 None, "--option", help="KEY=VALUE: a method option that shapes scoring only, e.g. score=projector "
+                 "(stylegan2) or refine_steps=20 (stylegan2_encoder); repeatable"),
+             out: Optional[Path] = typer.Option(None, help="Output folder; default RUN_DIR/eval-SPLIT.")) -> None:
     """Score a split: metrics.json, ROC/PR curves, slide heatmaps and an index.html in RUN_DIR/eval-SPLIT."""
     import json
     import os
     import subprocess
     import sys
 
+    import yaml
+
     from trainers.evaluate import evaluate as run_eval
+
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    out = out or run_dir / f"eval-{split}"
 
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -242,16 +256,17 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         command += (["--store", store] if store else []) + [a for g in groups or [] for a in ("--group", g)]
         command += ["--score-smoothing", str(score_smoothing)] if score_smoothing is not None else []
         command += ["--normal-baseline", normal_baseline] if normal_baseline is not None else []
+        command += ["--options", json.dumps(options), "--out", str(out)]
         code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
                               ).returncode
         if code:
             _fail(f"evaluation failed (exit {code})", code=code)
-        result = json.loads((run_dir / f"eval-{split}" / "metrics.json").read_text())
+        result = json.loads((out / "metrics.json").read_text())
     else:
         try:
-            with _WritingTo(run_dir / f"eval-{split}", store or _run_store(run_dir)):
+            with _WritingTo(out, store or _run_store(run_dir)):
                 result = run_eval(run_dir, store, split, groups, score_smoothing=score_smoothing,
-                                  normal_baseline=normal_baseline)
+                                  normal_baseline=normal_baseline, options=options or None, out=out)
         except (FileNotFoundError, NotImplementedError, ValueError) as exc:
             _fail(str(exc))
     overall = result["overall"]
@@ -261,7 +276,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                f"({overall['n_normal']} normal, {overall['n_anomalous']} anomalous)"
                + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {_with_interval(overall, 'pixel_ap')}, "
                   f"DICE {_with_interval(overall, 'dice')}" if "pixel_ap" in overall else "")
-               + f" -> {run_dir / f'eval-{split}'}/index.html")
+               + f" -> {out}/index.html")
 
 
 def _run_store(run_dir: Path) -> str | None:

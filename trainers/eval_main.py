@@ -14,7 +14,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--score-smoothing", type=float)
     parser.add_argument("--normal-baseline")
+    parser.add_argument("--options", help="JSON: method options for scoring")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    import json
+
     from trainers.dist import DistEnv
     from trainers.evaluate import evaluate
 
@@ -22,7 +26,8 @@ def main() -> None:
     device = env.init()
     evaluate(args.run_dir, args.store, args.split, args.groups, workers=args.workers, env=env, device=device,
              show_progress=env.is_main, score_smoothing=args.score_smoothing,
-             normal_baseline=args.normal_baseline)
+             normal_baseline=args.normal_baseline, options=json.loads(args.options) if args.options else None,
+             out=args.out)
 
 
 if __name__ == "__main__":

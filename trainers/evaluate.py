@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from trainers.files import load_file, save_file
 EXPORT_FORMAT = "tessera-export"
 
 
-def load_method(run_dir: Path):
-    """The trained method of a run (``final.pt``) or an export, in eval mode on the CPU."""
+def load_method(run_dir: Path, options: dict | None = None):
+    """The trained method of a run (``final.pt``) or an export, in eval mode on the CPU. ``options``
+    replace method options that shape scoring only (StyleGAN2's ``score``, ``projector_steps``; an
+    encoder's ``refine_steps``): the weights must still fit, which load_state_dict checks."""
     from core.methods import create_method
 
     run_dir = Path(run_dir)
@@ -35,7 +38,7 @@ def load_method(run_dir: Path):
                                 f"(or resume it with `tessera train --run-dir {run_dir} --resume`)")
     saved = load_file(path, ("tessera-final", EXPORT_FORMAT), "trained weights")
     saved["method"] = json.loads(saved["method_json"])
-    method = create_method(saved["method"]["name"], saved["method"]["options"])
+    method = create_method(saved["method"]["name"], {**saved["method"]["options"], **(options or {})})
     method.load_state_dict(saved["state"])
     for name, network in method.ema_networks().items():  # G_ema, where the run kept one, scores and samples
         if saved.get("ema"):
@@ -182,8 +185,10 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
 def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test", groups: list[str] | None = None,
              batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
              device: torch.device | None = None, score_smoothing: float | None = None,
-             normal_baseline: str | None = None) -> dict | None:
-    """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs.
+             normal_baseline: str | None = None, options: dict | None = None,
+             out: str | Path | None = None) -> dict | None:
+    """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs into
+    ``out`` (default ``RUN_DIR/eval-SPLIT``). ``options``: method options for scoring (load_method).
 
     ``score_smoothing`` and ``normal_baseline`` (volume runs) replace the run's
     ``data.volume_stream`` settings of those names; ``normal_baseline="none"`` turns it off.
@@ -208,8 +213,9 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             config.data.volume_stream.score_smoothing = score_smoothing
         if normal_baseline is not None:
             config.data.volume_stream.normal_baseline = None if normal_baseline == "none" else normal_baseline
-        return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device)
-    method, _ = load_method(run_dir)
+        return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device,
+                                options, out)
+    method, _ = load_method(run_dir, options)
     method.to(device)
     test_crop = config.data.stream.eval_crop
     stream_config = config.data.stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
@@ -219,10 +225,12 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     if len(everything) == 0:
         raise ValueError(f"no tile of split '{split}' in store '{store}' passes the run's stream filters")
     mine = _share(everything["slide_id"], env)
-    out = run_dir / f"eval-{split}"
+    out = Path(out) if out is not None else run_dir / f"eval-{split}"
+    heatmap = run_dir.name if out == run_dir / f"eval-{split}" else f"{run_dir.name}.{out.name}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     metrics = AnomalyMetrics()
     names = []
+    scoring, scored = 0.0, 0
     if mine:
         stream_config = stream_config.model_copy(update={"ids": mine})
         stream = TileStream(store, stream_config, stain=config.data.stain, shuffle=False).batched(batch_size)
@@ -230,8 +238,10 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         batches = DataLoader(stream, batch_size=None, num_workers=workers)
         show = show_progress and (env is None or env.is_main)
         for batch in (track(batches, total=len(stream), description=f"eval {split}") if show else batches):
+            started = time.perf_counter()
             scores, maps = method.score(_on(batch, device))
             scores, maps = scores.float().cpu(), (maps.float().cpu() if maps is not None else None)
+            scoring, scored = scoring + time.perf_counter() - started, scored + len(scores)
             for i in range(len(scores)):
                 slide, target = batch["slide_id"][i], int(batch["target"][i])
                 per_slide.setdefault(slide, []).append((batch["level0_yx"][i].numpy(), float(scores[i]),
@@ -246,13 +256,15 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         for slide, entries in per_slide.items():
             rows = stream.tiles.iloc[[e[2] for e in entries]]
             footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
-            write_heatmap(store, slide, run_dir.name, np.stack([e[0] for e in entries]), footprint,
+            write_heatmap(store, slide, heatmap, np.stack([e[0] for e in entries]), footprint,
                           scores=np.array([e[1] for e in entries]))
-            render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=run_dir.name,
+            render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=heatmap,
                            title=f"{slide}: {method.method_name} scores")
             names.append(f"{slide}.png")
     parts = _gather(env, (metrics, names))
-    return _write_outputs(out, run_dir, parts) if parts is not None else None
+    settings = {"method_options": options or {}, "store": str(store),
+                "seconds_per_tile": scoring / max(scored, 1)}  # the main rank's scoring time, loading excluded
+    return _write_outputs(out, run_dir, parts, settings) if parts is not None else None
 
 
 def _eval_folder(path: Path, split: str) -> Path:
@@ -614,7 +626,8 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
 
 @torch.no_grad()
 def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
-                     show_progress: bool, env=None, device: torch.device | None = None) -> dict | None:
+                     show_progress: bool, env=None, device: torch.device | None = None, options: dict | None = None,
+                     out: Path | None = None) -> dict | None:
     """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
     (with several ranks: each its share of the volumes, gathered on the main rank)."""
     import zarr
@@ -624,7 +637,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     from data_plane.volumes import volume_index, write_volume_scores
 
     device = device or torch.device("cpu")
-    method, _ = load_method(run_dir)
+    method, _ = load_method(run_dir, options)
     method.to(device)
     stream_config = config.data.volume_stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
                                                                  "min_foreground": 0.0, "augment": "none",
@@ -633,7 +646,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     if len(everything) == 0:
         raise ValueError(f"no volume of split '{split}' in store '{store}' passes the run's stream filters")
     mine = _share(everything["volume_id"], env)
-    out = run_dir / f"eval-{split}"
+    out = Path(out) if out is not None else run_dir / f"eval-{split}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     show = show_progress and (env is None or env.is_main)
     baseline = None

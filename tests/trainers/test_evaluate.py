@@ -335,3 +335,20 @@ def test_eval_into_a_read_only_run_dir_or_store_ends_in_one_line(trained, mount_
                            str(read_only_store / "s.zarr")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "read-only" in done.stderr and str(read_only_store) in done.stderr
+
+
+def test_eval_out_keeps_other_evaluations_and_options_are_checked(trained, tmp_path):
+    run_dir, _, _ = trained
+    elsewhere = tmp_path / "second-eval"
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "eval-test").glob("*")} if (run_dir / "eval-test").is_dir() else {}
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(run_dir), "--out", str(elsewhere)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"-> {elsewhere}/index.html" in done.stdout
+    saved = json.loads((elsewhere / "metrics.json").read_text())
+    assert saved["settings"]["seconds_per_tile"] > 0 and saved["settings"]["method_options"] == {}
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # RUN_DIR/eval-test untouched
+    bad = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(run_dir), "--out", str(tmp_path / "x"),
+                          "--option", "widht=3"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode != 0 and "widht" in bad.stderr and "Traceback" not in bad.stderr
