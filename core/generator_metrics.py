@@ -75,7 +75,7 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.float().clamp(0, 1)
+        images = images.as_subclass(torch.Tensor).float().clamp(0, 1)  # plain, whatever subclass came in
         if self.feature == "inception":  # torch-fidelity's port takes uint8 and resizes itself
             return self.net((images * 255).round().to(torch.uint8)).reshape(len(images), -1).double()
         if images.shape[-1] != self.size or images.shape[-2] != self.size:

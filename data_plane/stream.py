@@ -380,9 +380,11 @@ class TileStream(ShardedStream):
                 transform.set_random_state(seed=int(np.random.default_rng((self.seed, self.epoch, index, 1))
                                                     .integers(2**31)))
                 item.update(transform({k: item[k] for k in ("image", "mask") if k in item}))
-                item["image"] = torch.as_tensor(item["image"]).float()
+                # plain tensors: MONAI's MetaTensor would follow the images into saved files (as features
+                # computed from them), which weights_only loading rightly refuses
+                item["image"] = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).float()
                 if "mask" in item:
-                    item["mask"] = torch.as_tensor(item["mask"]).to(torch.uint8)
+                    item["mask"] = torch.as_tensor(item["mask"]).as_subclass(torch.Tensor).to(torch.uint8)
             return item
 
         yield from self._emit(make_item)

@@ -156,9 +156,9 @@ def _augment_3d(item: dict, rng: np.random.Generator) -> dict:
         RandGaussianNoised("image", prob=0.3, std=0.02),
     ]).set_random_state(seed=int(rng.integers(2**31)))
     out = transform({k: item[k] for k in keys})
-    result = {"image": torch.as_tensor(out["image"]).float()}
+    result = {"image": torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float()}  # not MONAI's MetaTensor
     if "mask" in out:
-        result["mask"] = (torch.as_tensor(out["mask"]) > 0.5).to(torch.uint8)  # MONAI returns labels as float
+        result["mask"] = (torch.as_tensor(out["mask"]).as_subclass(torch.Tensor) > 0.5).to(torch.uint8)  # MONAI returns labels as float
     return result
 
 

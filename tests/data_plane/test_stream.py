@@ -297,3 +297,13 @@ def test_ranks_get_the_micro_batches_one_rank_accumulating_would(sample_store, w
                                                 .endless(0), batch_size=None), 2) for i in b["index"].tolist()]
                   for r in range(3)]
         assert sorted(sum(shares, [])) == sorted(i for b in one[:6] for i in b)
+
+
+def test_augmented_items_are_plain_tensors_that_save_safely(sample_store, tmp_path):
+    """MONAI's transforms return MetaTensors; one reaching a saved file (features computed from a batch)
+    makes weights_only loading refuse it. The stream hands out plain tensors."""
+    stream = TileStream(sample_store, StreamConfig(min_tissue_fraction=0.0, augment="histology", seed=1)).batched(2)
+    batch = next(iter(DataLoader(stream, batch_size=None)))
+    assert type(batch["image"]) is torch.Tensor
+    torch.save({"x": batch["image"] * 2}, tmp_path / "f.pt")
+    torch.load(tmp_path / "f.pt", weights_only=True)
