@@ -5,10 +5,8 @@ reduced once per tick, and a 2-rank run killed with SIGKILL that resumes bit-ide
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 
 from tessera.config import load_config
 from tests.trainers import toy_methods
+from tests.trainers.killing import kill_after_checkpoint
 from tests.trainers.toy_methods import PHASES, fingerprint
 from trainers.dist import DistEnv
 from trainers.files import load_file
@@ -197,22 +196,7 @@ def test_two_rank_gan_killed_and_resumed_ends_bit_identical(sample_store, tmp_pa
     assert "2 rank(s)" in log
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(gan_command(sample_store, cut, *steps), cwd=ROOT, start_new_session=True,
-                            env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = cut / "checkpoints" / "latest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 18):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-            time.sleep(0.1)
-        except ProcessLookupError:
-            break
-    assert not (cut / "final.pt").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(gan_command(sample_store, cut, *steps), launch_env(), cut, 18)
     resumed = subprocess.run(gan_command(sample_store, cut, resume=True), cwd=ROOT, env=launch_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -5,14 +5,13 @@ was never interrupted."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from tests.trainers.killing import kill_after_checkpoint
 from trainers.files import load_engine_weights, load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,16 +91,7 @@ def test_stylegan2_two_ranks_equal_one_rank_and_resume_bit_identical(sample_stor
 
     # killed with SIGKILL after a checkpoint, resumed: the same weights, G_ema, p and ticks as `whole`
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(command(sample_store, cut, 2, *steps), cwd=ROOT, start_new_session=True,
-                            env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = cut / "checkpoints" / "latest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 18):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "final.pt").exists(), "the run finished before it could be killed"
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = kill_after_checkpoint(command(sample_store, cut, 2, *steps), environment(), cut, 18)
     resumed = subprocess.run(command(sample_store, cut, 2, resume=True), cwd=ROOT, env=environment(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
