@@ -231,6 +231,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     metrics = AnomalyMetrics()
     names = []
     scoring, scored = 0.0, 0
+    shown: dict[int, list] = {0: [], 1: []}  # the first normal and anomalous tiles, for reconstructions.png
     if mine:
         stream_config = stream_config.model_copy(update={"ids": mine})
         stream = TileStream(store, stream_config, stain=config.data.stain, shuffle=False).batched(batch_size)
@@ -248,6 +249,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
                                                         int(batch["index"][i])))
                 if target < 0:
                     continue  # "uncertain": partly annotated, neither normal nor anomalous
+                if len(shown[target]) < 8:
+                    shown[target].append(batch["image"][i])
                 has_mask = bool(batch["has_mask"][i]) if "has_mask" in batch else False
                 metrics.add(float(scores[i]), target, batch["group"][i],
                             maps[i, 0].numpy() if maps is not None and has_mask else None,
@@ -261,10 +264,31 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=heatmap,
                            title=f"{slide}: {method.method_name} scores")
             names.append(f"{slide}.png")
+    if shown[0] or shown[1]:
+        _write_reconstructions(method, shown, device, out)
     parts = _gather(env, (metrics, names))
     settings = {"method_options": options or {}, "store": str(store),
                 "seconds_per_tile": scoring / max(scored, 1)}  # the main rank's scoring time, loading excluded
     return _write_outputs(out, run_dir, parts, settings) if parts is not None else None
+
+
+def _write_reconstructions(method, shown: dict, device, out: Path) -> None:
+    """reconstructions.png: up to 8 normal tiles over their reconstructions, then up to 8 anomalous ones
+    over theirs, for methods that reconstruct (Method.reconstruction)."""
+    from torchvision.utils import save_image
+
+    rows = []
+    for target in (0, 1):
+        if not shown[target]:
+            continue
+        images = torch.stack(shown[target]).float().to(device)
+        rebuilt = method.reconstruction(images)
+        if rebuilt is None:
+            return
+        pad = 8 - len(images)
+        blank = torch.ones(pad, *images.shape[1:], device=device)
+        rows += [torch.cat([images, blank]), torch.cat([rebuilt.float().clamp(0, 1), blank])]
+    save_image(torch.cat(rows).cpu(), out / "reconstructions.png", nrow=8, padding=2, pad_value=1.0)
 
 
 def _eval_folder(path: Path, split: str) -> Path:

@@ -20,7 +20,9 @@ checkpoints, and calls only what is named here:
                                 path-length mean); every rank gets the same numbers, so they stay equal,
 - ``statistics(batches)`` / ``set_statistics(stats)``  feature statistics computed once per run (DPA's
                                 μ, σ); only when ``uses_statistics``,
-- ``sample_score(voxel_scores)`` a volume's score from its voxel map (default: the mean of the top 0.1 %).
+- ``sample_score(voxel_scores)`` a volume's score from its voxel map (default: the mean of the top 0.1 %),
+- ``reconstruction(images)``    what the method rebuilds of tiles in [0, 1], for evaluation's
+                                reconstructions.png (None: it does not reconstruct).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class Method(nn.Module):
         state after the step and the images trained on since the last call. Whatever it changes must live
         in buffers, which checkpoints keep."""
         raise NotImplementedError
+
+    def reconstruction(self, images: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def statistics(self, batches: list[dict]) -> dict:
         raise NotImplementedError

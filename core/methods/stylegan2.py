@@ -250,6 +250,14 @@ class StyleGAN2(Method):
                                                                      size=max(c.resolution, 64)))
         return self._distance.to(self.pl_mean.device)
 
+    def reconstruction(self, images: torch.Tensor) -> torch.Tensor:
+        """The projector's reconstruction (whatever ``score`` is set to)."""
+        from core.inversion import project
+
+        with torch.enable_grad():
+            return project(self.G, images.float(), self.distance(), steps=self.config.projector_steps,
+                           fused=self._fused())["reconstruction"]
+
     def score(self, batch: dict):
         """discriminator: −D(x) (one pass); projector: how far the projection of x into G's W space stays
         from x (perceptual + pixel), with its per-pixel map."""

@@ -120,6 +120,9 @@ class StyleGAN2Encoder(Method):
             rebuilt = self.reconstruct(images, w).clamp(0, 1)
             return {"w": w, "reconstruction": rebuilt, "distance": self.distance(rebuilt, images)}
 
+    def reconstruction(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inverted(images.float())["reconstruction"]
+
     def score(self, batch: dict):
         images = batch["image"].float()
         out = self.inverted(images)
