@@ -2,10 +2,11 @@
 best reproduction stays from it. Normal tissue is reproduced; tissue the generator never learned
 (tumour, artefacts) is not, which makes the distance an anomaly score (Štepec & Skočaj).
 
-- :class:`PerceptualDistance`: LPIPS-style, the squared difference of channel-normalised features,
-  averaged over positions and summed over layers (the unweighted "baseline" LPIPS of Zhang et al.),
-  plus a pixel term. Feature network: ``vgg16`` with ImageNet weights from a local file (the LPIPS
-  backbone), or the offline surrogate ``efficientnet_lite0``.
+- :class:`PerceptualDistance`: the squared difference of channel-normalised features, averaged over
+  positions and summed over layers, plus a pixel term. ``vgg16`` (ImageNet weights from a local file)
+  weighs the channels with LPIPS's linear heads, which torchmetrics ships: that is LPIPS-VGG (Zhang et
+  al.), ImageNet normalisation being LPIPS's input scaling. The offline surrogate ``efficientnet_lite0``
+  is unweighted (the paper's "baseline" variant) and is labelled so.
 - :func:`project`: StyleGAN2's projector, batched: w starts at w_avg and is optimised with Adam under
   a cosine-ramped learning rate, with decaying noise added to w early on (exploration), jointly with the
   per-layer noise maps, which a multi-scale autocorrelation penalty keeps from absorbing the image.
@@ -40,9 +41,17 @@ class PerceptualDistance(nn.Module):
         self.net_name, self.pixel, self.size = net, pixel, size
         self.layers = DISTANCE_LAYERS[net]
         self.net = create_net(net, weights, self.layers)
+        self.heads = lpips_heads() if net == "vgg16" else None  # [C] channel weights per layer
 
     def label(self) -> str:
-        return "LPIPS-VGG16 (unweighted)" if self.net_name == "vgg16" else "perceptual-EffNetLite0 (LPIPS-style)"
+        return "LPIPS-VGG16" if self.net_name == "vgg16" else "perceptual-EffNetLite0 (LPIPS-style, unweighted)"
+
+    def _layer(self, fx: torch.Tensor, fy: torch.Tensor, index: int) -> torch.Tensor:
+        """[N, h, w]: one layer's (weighted) squared difference summed over channels."""
+        square = (fx - fy).square()
+        if self.heads is not None:
+            square = square * self.heads[index].to(square.device, square.dtype).view(1, -1, 1, 1)
+        return square.sum(1)
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.size is not None and images.shape[-1] < self.size:  # small tiles: the network sees them larger
@@ -52,7 +61,7 @@ class PerceptualDistance(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_features: dict | None = None) -> torch.Tensor:
         fx = self.features(x)
         fy = y_features if y_features is not None else self.features(y)
-        d = sum((fx[k] - fy[k]).square().sum(1).mean((1, 2)) for k in self.layers)
+        d = sum(self._layer(fx[k], fy[k], i).mean((1, 2)) for i, k in enumerate(self.layers))
         if self.pixel:
             d = d + self.pixel * (x - y).square().mean((1, 2, 3))
         return d
@@ -61,11 +70,20 @@ class PerceptualDistance(nn.Module):
         """Per-pixel distance [N, 1, H, W]: each layer's squared difference upsampled to the image, summed."""
         fx, fy = self.features(x), self.features(y)
         size = x.shape[-2:]
-        out = sum(F.interpolate((fx[k] - fy[k]).square().sum(1, keepdim=True), size=size, mode="bilinear",
-                                align_corners=False) for k in self.layers)
+        out = sum(F.interpolate(self._layer(fx[k], fy[k], i).unsqueeze(1), size=size, mode="bilinear",
+                                align_corners=False) for i, k in enumerate(self.layers))
         if self.pixel:
             out = out + self.pixel * (x - y).square().mean(1, keepdim=True)
         return out
+
+
+def lpips_heads() -> list[torch.Tensor]:
+    """LPIPS-VGG's learned channel weights (v0.1), from the file torchmetrics ships: offline."""
+    import importlib.resources
+
+    path = importlib.resources.files("torchmetrics") / "functional" / "image" / "lpips_models" / "vgg.pth"
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return [state[f"lin{i}.model.1.weight"].flatten().float() for i in range(5)]
 
 
 def noise_regularisation(noises: list[torch.Tensor]) -> torch.Tensor:

@@ -86,3 +86,19 @@ def test_stylegan2_scores_by_projection_with_maps(gan):
     assert scores.shape == (2,) and maps.shape == (2, 1, 16, 16) and torch.isfinite(maps).all()
     with pytest.raises(FileNotFoundError, match="no StyleGAN2 weights"):
         create_method("stylegan2_encoder", {"generator": "/nonexistent/run"})
+
+
+def test_vgg16_distance_is_lpips_with_its_shipped_heads():
+    from core.inversion import lpips_heads
+
+    heads = lpips_heads()
+    assert [len(h) for h in heads] == [64, 128, 256, 512, 512] and all((h >= 0).all() for h in heads)
+    torch.manual_seed(7)
+    distance = PerceptualDistance("vgg16", weights="none")  # random backbone: the heads' arithmetic
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    fx, fy = distance.features(x), distance.features(y)
+    by_hand = sum(((fx[k] - fy[k]).square() * heads[i].view(1, -1, 1, 1)).sum(1).mean((1, 2))
+                  for i, k in enumerate(distance.layers))
+    torch.testing.assert_close(distance(x, y), by_hand)
+    assert distance.map(x, y).shape == (2, 1, 32, 32)
+    assert distance.label() == "LPIPS-VGG16"
