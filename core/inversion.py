@@ -67,14 +67,16 @@ class PerceptualDistance(nn.Module):
         return d
 
     def map(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-pixel distance [N, 1, H, W]: each layer's squared difference upsampled to the image, summed."""
+        """Per-pixel distance [N, 1, H, W]: each layer's squared difference upsampled to the image, summed,
+        then squashed by d / (1 + d) into [0, 1), where the pixel metrics (which clip to [0, 1], as MOOD
+        does) can rank it; the squash is monotone, so the ranking of pixels is the distance's."""
         fx, fy = self.features(x), self.features(y)
         size = x.shape[-2:]
         out = sum(F.interpolate(self._layer(fx[k], fy[k], i).unsqueeze(1), size=size, mode="bilinear",
                                 align_corners=False) for i, k in enumerate(self.layers))
         if self.pixel:
             out = out + self.pixel * (x - y).square().mean(1, keepdim=True)
-        return out
+        return out / (1 + out)
 
 
 def lpips_heads() -> list[torch.Tensor]:

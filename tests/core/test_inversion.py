@@ -64,7 +64,7 @@ def test_encoder_reconstruction_error_falls_while_it_trains(gan, tmp_path):
         encoder.train()
         return scores.mean().item(), maps
     first, maps = error()
-    assert maps.shape == (8, 1, 16, 16)
+    assert maps.shape == (8, 1, 16, 16) and 0 <= maps.min() and maps.max() < 1
     optimiser = torch.optim.Adam(encoder.E.parameters(), lr=2e-3)
     phase = encoder.phases()[0]
     for step in range(60):
@@ -84,6 +84,7 @@ def test_stylegan2_scores_by_projection_with_maps(gan):
     projecting.eval()
     scores, maps = projecting.score({"image": torch.rand(2, 3, 16, 16)})
     assert scores.shape == (2,) and maps.shape == (2, 1, 16, 16) and torch.isfinite(maps).all()
+    assert maps.min() >= 0 and maps.max() < 1  # the pixel metrics clip to [0, 1]
     with pytest.raises(FileNotFoundError, match="no StyleGAN2 weights"):
         create_method("stylegan2_encoder", {"generator": "/nonexistent/run"})
 
