@@ -264,7 +264,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=heatmap,
                            title=f"{slide}: {method.method_name} scores")
             names.append(f"{slide}.png")
-    if shown[0] or shown[1]:
+    if (shown[0] or shown[1]) and (env is None or env.is_main):  # from the main rank's share
         _write_reconstructions(method, shown, device, out)
     parts = _gather(env, (metrics, names))
     settings = {"method_options": options or {}, "store": str(store),
