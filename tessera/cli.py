@@ -277,6 +277,11 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {_with_interval(overall, 'pixel_ap')}, "
                   f"DICE {_with_interval(overall, 'dice')}" if "pixel_ap" in overall else "")
                + f" -> {out}/index.html")
+    if result.get("generator"):
+        generator = result["generator"]
+        fd = next(k for k in generator if k.startswith(("FD", "FID")) and not k.endswith(" real"))
+        typer.echo(f"generator: {fd} {generator[fd]:.2f} (real vs real {generator[fd + ' real']:.2f}) over "
+                   f"{generator['images']} images")
 
 
 def _run_store(run_dir: Path) -> str | None:

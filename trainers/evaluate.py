@@ -162,9 +162,10 @@ def _write_pixel_histograms(path: Path, metrics: AnomalyMetrics) -> None:
     partial.replace(path)
 
 
-def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None = None) -> dict:
+def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None = None,
+                   extra: dict | None = None) -> dict:
     """Merge the ranks' shares and write metrics.json (with the eval ``settings`` that shaped the
-    scores), the curves and index.html."""
+    scores, and ``extra`` results such as a generator's FD/KD), the curves and index.html."""
     metrics, names = AnomalyMetrics(), []
     for part_metrics, part_names in parts:
         metrics.merge(part_metrics)
@@ -172,6 +173,7 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
     result = metrics.compute()
     if settings:
         result["settings"] = settings
+    result.update(extra or {})
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _write_scores(out / "scores.csv", metrics)
     _write_pixel_histograms(out / "pixel_histograms.npz", metrics)
@@ -232,6 +234,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     names = []
     scoring, scored = 0.0, 0
     shown: dict[int, list] = {0: [], 1: []}  # the first normal and anomalous tiles, for reconstructions.png
+    embedder, normal_features = _generator_embedder(method, device), []
     if mine:
         stream_config = stream_config.model_copy(update={"ids": mine})
         stream = TileStream(store, stream_config, stain=config.data.stain, shuffle=False).batched(batch_size)
@@ -243,6 +246,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             scores, maps = method.score(_on(batch, device))
             scores, maps = scores.float().cpu(), (maps.float().cpu() if maps is not None else None)
             scoring, scored = scoring + time.perf_counter() - started, scored + len(scores)
+            if embedder is not None and (batch["target"] == 0).any():
+                normal_features.append(embedder(batch["image"][batch["target"] == 0].to(device)).cpu())
             for i in range(len(scores)):
                 slide, target = batch["slide_id"][i], int(batch["target"][i])
                 per_slide.setdefault(slide, []).append((batch["level0_yx"][i].numpy(), float(scores[i]),
@@ -266,10 +271,52 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             names.append(f"{slide}.png")
     if (shown[0] or shown[1]) and (env is None or env.is_main):  # from the main rank's share
         _write_reconstructions(method, shown, device, out)
+    generator = _generator_metrics(method, embedder, normal_features, env, device) if embedder is not None else None
     parts = _gather(env, (metrics, names))
     settings = {"method_options": options or {}, "store": str(store),
                 "seconds_per_tile": scoring / max(scored, 1)}  # the main rank's scoring time, loading excluded
-    return _write_outputs(out, run_dir, parts, settings) if parts is not None else None
+    return _write_outputs(out, run_dir, parts, settings, {"generator": generator} if generator else None) \
+        if parts is not None else None
+
+
+def _generator_embedder(method, device):
+    """The feature network of a generator's FD/KD (the method's ``metrics_feature``, else the offline
+    surrogate); None for methods that generate nothing."""
+    from core.methods.base import Method
+
+    if type(method).generated is Method.generated:
+        return None
+    from core.generator_metrics import Embedder
+
+    config = method.config
+    return Embedder(getattr(config, "metrics_feature", "efficientnet_lite0"),
+                    getattr(config, "inception_weights", None)).to(device)
+
+
+def _generator_metrics(method, embedder, normal_features: list, env, device) -> dict | None:
+    """FD/KD of as many generated images as the split has normal tiles, against those tiles, beside
+    real against real: each rank embeds its normals and generates its share (seeds by rank), the main
+    rank computes. None where there are too few normal tiles."""
+    from core.generator_metrics import metric_names, with_baseline
+
+    real = torch.cat(normal_features) if normal_features else torch.zeros(0, embedder.num_features, dtype=torch.float64)
+    rank = env.rank if env is not None else 0
+    fakes = [embedder(method.generated(min(64, len(real) - i), rank * 10**6 + i)).cpu() for i in range(0, len(real), 64)]
+    fake = torch.cat(fakes) if fakes else torch.zeros_like(real)
+    if env is not None and env.world_size > 1:
+        import torch.distributed as dist
+
+        shares = [None] * env.world_size
+        dist.all_gather_object(shares, (real, fake))
+        real, fake = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
+        if not env.is_main:
+            return None
+    if len(real) < 4:
+        return None
+    out = with_baseline(real, fake, kid_subset_size=min(len(real) // 2, 1000))
+    fd, kd = metric_names(embedder.feature)
+    return {fd: out["fd"], f"{fd} real": out["fd_real"], kd: out["kd"], f"{kd} real": out["kd_real"],
+            "images": out["images"]}
 
 
 def _write_reconstructions(method, shown: dict, device, out: Path) -> None:

@@ -22,7 +22,9 @@ checkpoints, and calls only what is named here:
                                 μ, σ); only when ``uses_statistics``,
 - ``sample_score(voxel_scores)`` a volume's score from its voxel map (default: the mean of the top 0.1 %),
 - ``reconstruction(images)``    what the method rebuilds of tiles in [0, 1], for evaluation's
-                                reconstructions.png (None: it does not reconstruct).
+                                reconstructions.png (None: it does not reconstruct),
+- ``generated(count, first_seed)``  a generator's images in [0, 1] from seeds first_seed… (None: not a
+                                generator); evaluation compares them with the split's normal tiles (FD/KD).
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def reconstruction(self, images: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def generated(self, count: int, first_seed: int) -> torch.Tensor | None:
         return None
 
     def statistics(self, batches: list[dict]) -> dict:

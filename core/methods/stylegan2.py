@@ -250,6 +250,16 @@ class StyleGAN2(Method):
                                                                      size=max(c.resolution, 64)))
         return self._distance.to(self.pl_mean.device)
 
+    @torch.no_grad()
+    def generated(self, count: int, first_seed: int) -> torch.Tensor:
+        """G's images (G_ema after load_method) for latents of seeds first_seed … first_seed + count − 1,
+        ψ = 1, the noise maps drawn from first_seed: the same call gives the same images anywhere."""
+        z = torch.stack([torch.randn(self.config.z_dim, generator=torch.Generator().manual_seed(first_seed + i))
+                         for i in range(count)]).to(self.pl_mean.device)
+        with torch.random.fork_rng(devices=[self.pl_mean.device] if self.pl_mean.is_cuda else []):
+            torch.manual_seed(first_seed)
+            return self.synthesize(z, psi=1.0, noise_mode="random")
+
     def reconstruction(self, images: torch.Tensor) -> torch.Tensor:
         """The projector's reconstruction (whatever ``score`` is set to)."""
         from core.inversion import project

@@ -194,3 +194,12 @@ def test_snapshot_reports_fd_and_kd_beside_the_real_baseline():
     assert "FID" not in metrics and "KD-EffNetLite0 real" in metrics
     off = create_method("stylegan2", {"resolution": 16, **SMALL, "metrics": False})
     assert off.statistics(reals) == {}
+
+
+def test_generated_images_follow_their_seeds():
+    method = create_method("stylegan2", {"resolution": 16, **SMALL}).eval()
+    first = method.generated(3, 5)
+    assert first.shape == (3, 3, 16, 16) and 0 <= first.min() and first.max() <= 1
+    torch.manual_seed(123)  # the global generator's state does not matter
+    assert torch.equal(method.generated(3, 5), first)
+    assert not torch.equal(method.generated(3, 8), first)

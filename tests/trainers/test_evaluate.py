@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -355,35 +354,40 @@ def test_eval_out_keeps_other_evaluations_and_options_are_checked(trained, tmp_p
     assert bad.returncode != 0 and "widht" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_a_stylegan2_encoder_run_is_evaluated_like_any_method(trained, tmp_path):
-    """A (random) StyleGAN2 as the generator, an encoder trained on it for a few steps with real
-    DeepSpeed, then `tessera eval`: metrics, per-pixel maps, and the reconstructions grid."""
-    from core.methods import MethodConfig, create_method
-    from trainers.checkpoint import save_final
-
+def test_stylegan2_and_its_encoder_are_evaluated_like_any_method(trained, tmp_path):
+    """A small StyleGAN2 trained for a few steps with real DeepSpeed: `tessera eval` reports its FD/KD
+    against the split's normal tiles beside real vs real; an encoder trained on it is evaluated with
+    per-pixel maps and the reconstructions grid."""
     run_dir, store, bench = trained
-    torch.manual_seed(0)
-    options = {"resolution": 128, "channel_base": 512, "channel_max": 16, "z_dim": 16, "w_dim": 16,
-               "mapping_layers": 2}
-    gan = create_method("stylegan2", options)
-    (tmp_path / "gan").mkdir()
-    save_final(MethodConfig(name="stylegan2", options=options), gan.state_dict(), None, tmp_path / "gan" / "final.pt",
-               {"G": gan.G.state_dict()})
-    encoder_run = tmp_path / "enc"
-    sets = [f"data.store={store}", "method.name=stylegan2_encoder",
-            f"method.options={{generator: {tmp_path / 'gan'}, channel_base: 512, channel_max: 16}}",
-            "train.steps=4", "train.micro_batch=8", "train.num_workers=0", "train.checkpoint_every=4",
-            "train.ema_kimg=null"]
-    command = [sys.executable, "-m", "tessera.cli", "train", str(bench / "recipe.yaml"), "--run-dir",
-               str(encoder_run)] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+    def train(run, *sets):
+        command = [sys.executable, "-m", "tessera.cli", "train", str(bench / "recipe.yaml"), "--run-dir", str(run)]
+        command += [a for s in [f"data.store={store}", "train.micro_batch=8", "train.num_workers=0", *sets]
+                    for a in ("--set", s)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    gan = tmp_path / "gan"
+    train(gan, "method.name=stylegan2", "method.options={resolution: 128, channel_base: 512, channel_max: 16, "
+          "z_dim: 16, w_dim: 16, mapping_layers: 2, metrics: false}", "train.steps=2", "train.checkpoint_every=2")
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(gan)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "generator: FD-EffNetLite0" in done.stdout
+    generator = json.loads((gan / "eval-test" / "metrics.json").read_text())["generator"]
+    assert generator["images"] >= 2
+    assert generator["FD-EffNetLite0"] > generator["FD-EffNetLite0 real"] >= 0  # an untrained G is far off
+
+    encoder_run = tmp_path / "enc"
+    train(encoder_run, "method.name=stylegan2_encoder",
+          f"method.options={{generator: {gan}, channel_base: 512, channel_max: 16}}", "train.steps=4",
+          "train.checkpoint_every=4", "train.ema_kimg=null")
     done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(encoder_run),
                            "--option", "refine_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((encoder_run / "eval-test" / "metrics.json").read_text())
-    assert saved["settings"]["method_options"] == {"refine_steps": 2}
+    assert saved["settings"]["method_options"] == {"refine_steps": 2} and "generator" not in saved
     assert 0 <= saved["overall"]["image_auroc"] <= 1 and "pixel_ap" in saved["overall"]
     assert (encoder_run / "eval-test" / "reconstructions.png").stat().st_size > 1000
