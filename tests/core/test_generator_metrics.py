@@ -1,6 +1,8 @@
 """FD/KD: the Fréchet distance against scipy and the closed form on Gaussians, KID's unbiasedness, two
 ranks equal to one, the real-vs-real baseline, and a missing Inception file named in the error."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -44,26 +46,21 @@ def test_baseline_is_real_against_real_of_the_same_size():
     assert out["fd"] == pytest.approx(distances(real[:500], fake[:500], kid_subsets=5, kid_subset_size=200)["fd"])
 
 
-def _ranked(rank, path, real, fake, out):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    torch.manual_seed(0)  # KD's subsets: the same draw on every rank, as on one
-    half_r, half_f = len(real) // 2, len(fake) // 2
-    got = distances(real[rank * half_r:(rank + 1) * half_r], fake[rank * half_f:(rank + 1) * half_f],
-                    kid_subsets=4, kid_subset_size=100, sync=True)
-    if rank == 0:
-        torch.save(got, out)
-    dist.destroy_process_group()
-
-
 def test_two_ranks_give_what_one_gives(tmp_path):
-    import torch.multiprocessing as mp
+    import os
+    import subprocess
+    import sys
 
     real, fake = gaussian(400, 0, 1, seed=5), gaussian(400, 0.2, 1.5, seed=6)
-    out = tmp_path / "two.pt"
-    mp.spawn(_ranked, args=(str(tmp_path / "init"), real, fake, str(out)), nprocs=2)
-    two = torch.load(out, weights_only=True)
+    torch.save({"real": real, "fake": fake}, tmp_path / "features.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tests.core.two_rank_distances", str(tmp_path / "features.pt"), str(tmp_path / "two.pt")],
+                          cwd=Path(__file__).resolve().parents[2], env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
     torch.manual_seed(0)
     one = distances(real, fake, kid_subsets=4, kid_subset_size=100)
     assert two["fd"] == pytest.approx(one["fd"], rel=1e-9)

@@ -128,8 +128,9 @@ def test_snapshots_at_the_right_image_counts_and_the_best_kept(make_trainer):
     trainer = make_trainer("train.steps=10", "train.snapshot_kimg=0.012", "train.snapshot_metric=step",
                            "train.snapshot_mode=max", "train.checkpoint_every=100")
     trainer.fit()
-    folders = sorted(p.name for p in (trainer.run_dir / "snapshots").iterdir())
+    folders = sorted(p.name for p in (trainer.run_dir / "snapshots").iterdir() if p.is_dir())
     assert folders == ["kimg000000.012", "kimg000000.024", "kimg000000.036"]
+    assert (trainer.run_dir / "snapshots" / "curves.png").stat().st_size > 1000  # the metrics over kimg
     for folder in folders:
         path = trainer.run_dir / "snapshots" / folder
         assert (path / "fakes.png").stat().st_size > 100 and (path / "reals.png").is_file()
