@@ -3,6 +3,10 @@
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
+# The third-party OME-Zarr readers the tests check stores with, in their own environment: ome-zarr-py
+# pulls s3fs/botocore, whose python-dateutil<3 clashes with the kubernetes client tessera pins.
+NGFF_VENV  := .venv-ngff
+NGFF_STAMP := $(NGFF_VENV)/.installed
 # Caches live inside the work tree so a CI clone leaves $HOME alone and a rerun reuses them.
 export PIP_CACHE_DIR        ?= $(CURDIR)/.cache/pip
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -12,7 +16,7 @@ export OMP_NUM_THREADS      ?= 1
 
 .PHONY: demo test setup clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(NGFF_STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; tessera needs Python 3.11 (set PYTHON=...)"; exit 1; }
@@ -23,11 +27,16 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+$(NGFF_STAMP): Makefile
+	@test -x $(NGFF_VENV)/bin/python || $(PYTHON) -m venv $(NGFF_VENV)
+	$(NGFF_VENV)/bin/pip install -q zarr==3.1.6 numpy==2.4.6 ome-zarr-models==1.7 ome-zarr==0.18.0
+	@touch $(NGFF_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/tessera demo
 
-test: $(STAMP)
+test: $(STAMP) $(NGFF_STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs demo-out
+	rm -rf $(VENV) $(NGFF_VENV) .pytest_cache runs demo-out

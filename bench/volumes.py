@@ -65,11 +65,9 @@ def run_case(method: str, path: Path, store: Path, volume_id: str, size: int, or
     memory = PeakRSS()
     # Origins are (z, y, x) in the store's RAS grid; the MNI file is already RAS, so (i, j, k) = (x, y, z).
     if method == "zarr":
-        import zarr
+        from data_plane.volumes import volume_array
 
-        from data_plane.store import store_path
-
-        array = zarr.open_array(str(store_path(store) / "volumes" / volume_id / "image"), mode="r")
+        array = volume_array(store, volume_id)
         read = lambda z, y, x: array[z:z + size, y:y + size, x:x + size]
     elif method == "nibabel-proxy":
         import nibabel

@@ -1,7 +1,7 @@
 """Ingest: slides and volumes into the store, atomic per item, resumable, parallel across items.
 
 One slide goes through :func:`ingest_slide` (tissue mask → annotations → pyramid → tile index), one
-volume through :func:`data_plane.volumes.ingest_volume`; each is built under ``.partial/<id>`` and
+volume through :func:`data_plane.volumes.ingest_volume`; each is built under ``.tessera/partial/<id>`` and
 renamed into ``slides/`` or ``volumes/`` only when complete. The driver, :func:`ingest`, decides
 what to (re)do from ``manifest.json``, runs items in-process or as Ray tasks, records each outcome
 (done, or failed with its reason) and rebuilds ``tiles.parquet`` and ``volumes.parquet``.
@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 
 from data_plane.config import DataConfig
-from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, is_storage_error, \
-    ome_multiscales, rebuild_tile_index, rebuild_volume_index
+from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, is_storage_error, own, \
+    rebuild_tile_index, rebuild_volume_index
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 MANIFEST_COLUMNS = ("path", "id", "slide_id", "volume_id", "label", "split", "annotation", "mask", "group")
@@ -161,6 +161,35 @@ def _open_slide(path: Path):
         raise IngestError(f"'{path.name}' is not readable by OpenSlide (truncated or corrupt file?): {exc}") from exc
 
 
+def ome_tiff_mpp(path: Path) -> float | None:
+    """Micrometres per pixel from an OME-TIFF's OME-XML (``Pixels@PhysicalSizeX`` and its unit), or None."""
+    if not path.name.lower().endswith((".ome.tif", ".ome.tiff", ".tif", ".tiff")):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata
+    except Exception:  # not a TIFF tifffile reads: OpenSlide's own error is the one to show
+        return None
+    if not xml:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        pixels = next(e for e in ET.fromstring(xml).iter() if e.tag.endswith("}Pixels") or e.tag == "Pixels")
+    except (ET.ParseError, StopIteration):
+        return None
+    size = pixels.get("PhysicalSizeX")
+    if size is None:
+        return None
+    to_um = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+    unit = pixels.get("PhysicalSizeXUnit", "µm")
+    if unit not in to_um:
+        return None
+    return float(size) * to_um[unit]
+
+
 def target_downsample(config: DataConfig, mpp0: float | None, power0: float | None, name: str) -> float:
     """Level-0 pixels per tile pixel for the configured magnification / mpp."""
     tiles = config.tiles
@@ -191,7 +220,7 @@ def _write_level0(slide, array, chunk_grid: np.ndarray, chunk: int, threads: int
                   progress: Callable[[int], None]) -> None:
     from data_plane.tissue import composite_on_white
 
-    height, width = array.shape[:2]
+    height, width = array.shape[1:]
 
     def copy(cy_cx):
         cy, cx = cy_cx
@@ -205,7 +234,7 @@ def _write_level0(slide, array, chunk_grid: np.ndarray, chunk: int, threads: int
         pixels = np.asarray(composite_on_white(region))
         if stain is not None:
             pixels = stain.normalize_uint8(pixels)
-        array[y:y + h, x:x + w] = pixels
+        array[:, y:y + h, x:x + w] = pixels.transpose(2, 0, 1)
 
     with ThreadPoolExecutor(threads) as pool:
         for _ in pool.map(copy, zip(*np.nonzero(chunk_grid))):
@@ -218,7 +247,7 @@ def _write_reduced(parent, array, parent_grid: np.ndarray, chunk: int, threads: 
     from data_plane.store import LevelReader
 
     reader = LevelReader(parent)
-    height, width = array.shape[:2]
+    height, width = array.shape[1:]
     grid_h, grid_w = math.ceil(height / chunk), math.ceil(width / chunk)
     padded = np.zeros((grid_h * 2, grid_w * 2), bool)
     padded[: parent_grid.shape[0], : parent_grid.shape[1]] = parent_grid
@@ -227,10 +256,10 @@ def _write_reduced(parent, array, parent_grid: np.ndarray, chunk: int, threads: 
     def reduce(cy_cx):
         cy, cx = cy_cx
         block = reader.read(cy * chunk * 2, cx * chunk * 2, chunk * 2, chunk * 2).astype(np.uint16)
-        small = ((block.reshape(chunk, 2, chunk, 2, 3).sum(axis=(1, 3)) + 2) // 4).astype(np.uint8)
+        small = ((block.reshape(3, chunk, 2, chunk, 2).sum(axis=(2, 4)) + 2) // 4).astype(np.uint8)
         y, x = cy * chunk, cx * chunk
-        array[y:y + min(chunk, height - y), x:x + min(chunk, width - x)] = \
-            small[: min(chunk, height - y), : min(chunk, width - x)]
+        array[:, y:y + min(chunk, height - y), x:x + min(chunk, width - x)] = \
+            small[:, : min(chunk, height - y), : min(chunk, width - x)]
 
     with ThreadPoolExecutor(threads) as pool:
         for _ in pool.map(reduce, zip(*np.nonzero(grid))):
@@ -285,7 +314,8 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
     from scipy import ndimage
     from zarr.codecs import BloscCodec, BloscShuffle
 
-    from data_plane.annotations import rasterise, read_annotations
+    from data_plane.annotations import annotation_label_names, rasterise, read_annotations
+    from data_plane.ngff import LABEL_COLOURS, slide_ome, write_label
     from data_plane.tissue import box_fractions, read_downsampled, tissue_mask
 
     started = time.time()
@@ -297,6 +327,8 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
         digest = hasher.submit(_sha256, source.path)  # overlaps with the pixel work
         props = slide.properties
         mpp0 = float(props[openslide.PROPERTY_NAME_MPP_X]) if openslide.PROPERTY_NAME_MPP_X in props else None
+        if mpp0 is None:
+            mpp0 = ome_tiff_mpp(source.path)  # OpenSlide does not read OME-XML's physical sizes
         power_text = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
         power0 = float(power_text) if power_text else None
         width0, height0 = slide.dimensions
@@ -312,14 +344,15 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
             raise IngestError(f"no tissue found in '{source.path.name}' (Otsu on {config.tissue.channel} of a "
                               f"1/{tissue_ds} image): blank slide, or lower data.tissue.min_saturation")
 
-        annotation_masks, anomaly = {}, None
+        annotation_masks, anomaly, skipped = {}, None, {}
         if source.annotation is not None:
-            classes = read_annotations(source.annotation)
+            classes, skipped = read_annotations(source.annotation, with_skipped=True)
             annotation_masks = rasterise(classes, (height0, width0), config.annotations.downsample,
                                          source=f"annotation '{source.annotation.name}' of '{source.path.name}'")
             anomaly = np.logical_or.reduce(list(annotation_masks.values())) if annotation_masks else None
+            annotation_masks = annotation_label_names(annotation_masks)  # a class may not be named 'tissue'
 
-        partial = root / ".partial" / source.item_id
+        partial = own(root, "partial", source.item_id)
         shutil.rmtree(partial, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(partial), mode="w")
@@ -351,37 +384,36 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
         arrays = []
         for level, shape in enumerate(shapes):
             arrays.append(group.create_array(
-                str(level), shape=(*shape, 3), chunks=(chunk, chunk, 3), dtype="uint8", fill_value=BACKGROUND,
-                compressors=compressor, dimension_names=["y", "x", "c"]))
+                str(level), shape=(3, *shape), chunks=(3, chunk, chunk), dtype="uint8", fill_value=BACKGROUND,
+                compressors=compressor, dimension_names=["c", "y", "x"]))
             if level == 0:
                 _write_level0(slide, arrays[0], grid, chunk, config.ingest.threads, stain, advance)
             else:
                 grid = _write_reduced(arrays[level - 1], arrays[level], grid, chunk, config.ingest.threads, advance)
 
-        mask_array = group.create_array("tissue", data=tissue.astype(np.uint8), chunks=(1024, 1024),
-                                        compressors=compressor, dimension_names=["y", "x"])
-        mask_array.attrs["downsample"] = tissue_ds
+        write_label(group, "tissue", tissue, tissue_ds, mpp0, len(shapes), compressor, LABEL_COLOURS["tissue"],
+                    {"kind": "tissue"})
         for name, mask in annotation_masks.items():
-            array = group.create_array(f"annotations/{name}", data=mask.astype(np.uint8), chunks=(1024, 1024),
-                                       compressors=compressor, dimension_names=["y", "x"])
-            array.attrs.update({"downsample": config.annotations.downsample, "source": str(source.annotation)})
+            write_label(group, name, mask, config.annotations.downsample, mpp0, len(shapes), compressor,
+                        LABEL_COLOURS["annotation"], {"kind": "annotation", "source": str(source.annotation)})
 
         rows = _tile_rows(source, (height0, width0), len(shapes), factor, config, tissue, tissue_ds,
                           anomaly, config.annotations.downsample)
         sha256 = digest.result()
         group.attrs.update({
-            "ome": ome_multiscales(source.item_id, len(shapes), mpp0),
+            "ome": slide_ome(source.item_id, len(shapes), mpp0),
             "tessera": {"source": str(source.path), "sha256": sha256,
                         "vendor": props.get(openslide.PROPERTY_NAME_VENDOR), "mpp": mpp0,
                         "objective_power": power0, "label": source.label, "split": source.split,
                         "group": source.group, "level0_shape": [height0, width0],
-                        "tile_downsample": factor, "annotations": sorted(annotation_masks)},
+                        "tile_downsample": factor, "annotations": sorted(annotation_masks),
+                        "annotation_skipped": skipped},
         })
     slide.close()
 
     final = root / "slides" / source.item_id
     if final.exists():  # a changed source file replaces its old version, which is removed after the swap
-        stale = root / ".partial" / f"{source.item_id}.replaced"
+        stale = own(root, "partial", f"{source.item_id}.replaced")
         shutil.rmtree(stale, ignore_errors=True)
         final.rename(stale)
         partial.rename(final)
@@ -389,12 +421,17 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
     else:
         partial.rename(final)
     # The slide's index rows follow its pixels; until the driver records it done, a rerun redoes it.
-    (root / "index").mkdir(exist_ok=True)
-    atomic_write_parquet(rows, root / "index" / f"{source.item_id}.parquet")
+    own(root, "index").mkdir(exist_ok=True)
+    atomic_write_parquet(rows, own(root, "index", f"{source.item_id}.parquet"))
     progress(source.item_id, total, total)
-    return {"status": "done", "source": str(source.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": sha256, "tiles": rows.num_rows, "levels": len(shapes),
-            "seconds": round(time.time() - started, 2)}
+    entry = {"status": "done", "source": str(source.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+             "sha256": sha256, "tiles": rows.num_rows, "levels": len(shapes),
+             "seconds": round(time.time() - started, 2)}
+    if skipped:
+        entry["warnings"] = [f"annotation '{source.annotation.name}': skipped {count} {kind} geometr"
+                             f"{'y' if count == 1 else 'ies'} (only polygons mark regions)"
+                             for kind, count in sorted(skipped.items())]
+    return entry
 
 
 def ingest_item_safely(source: Source, store: str, config: DataConfig, progress=None) -> dict:
@@ -409,11 +446,11 @@ def ingest_item_safely(source: Source, store: str, config: DataConfig, progress=
         return {**entry, "kind": source.kind, "config": config_digest(config, source.kind)}
     except Exception as exc:
         if is_storage_error(exc, store):  # the store cannot be written: stop, the other items would fail too
-            shutil.rmtree(Path(store) / ".partial" / source.item_id, ignore_errors=True)
+            shutil.rmtree(own(store, "partial", source.item_id), ignore_errors=True)
             raise
         reason = str(exc) if isinstance(exc, (IngestError, ValueError)) else \
             f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
-        shutil.rmtree(Path(store) / ".partial" / source.item_id, ignore_errors=True)
+        shutil.rmtree(own(store, "partial", source.item_id), ignore_errors=True)
         return {"status": "failed", "kind": source.kind, "source": str(source.path), "reason": reason}
 
 
@@ -424,6 +461,7 @@ class IngestReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)   # done items with something skipped
     tiles: int = 0
     volumes: int = 0
 
@@ -436,7 +474,7 @@ def _unchanged(entry: dict | None, source: Source, root: Path, digest: str) -> b
         return False
     folder, index = ("volumes", "volume_index") if source.kind == "volume" else ("slides", "index")
     complete = (root / folder / source.item_id / "zarr.json").is_file() and \
-        (root / index / f"{source.item_id}.parquet").is_file()
+        own(root, index, f"{source.item_id}.parquet").is_file()
     if not complete or not source.path.exists():
         return False
     stat = source.path.stat()
@@ -449,7 +487,7 @@ class _Lock:
     """One ingest per store at a time; a lock left by a killed process is taken over."""
 
     def __init__(self, root: Path):
-        self.path = root / ".ingest.lock"
+        self.path = own(root, "ingest.lock")
 
     def __enter__(self):
         if self.path.exists():
@@ -479,7 +517,7 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
     digests = {kind: config_digest(config, kind) for kind in ("slide", "volume")}
     report = IngestReport()
     with _Lock(root):
-        shutil.rmtree(root / ".partial", ignore_errors=True)  # leftovers of an interrupted run
+        shutil.rmtree(own(root, "partial"), ignore_errors=True)  # leftovers of an interrupted run
         manifest = Manifest(root)
         manifest.data["config"] = config.model_dump(mode="json")
         seen: dict[str, Path] = {}
@@ -516,6 +554,8 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
                 manifest.record(source.item_id, entry)
                 if entry["status"] == "done":
                     report.done.append(source.item_id)
+                    if entry.get("warnings"):
+                        report.warnings[source.item_id] = entry["warnings"]
                 else:
                     report.failed[source.item_id] = entry["reason"]
                 bar.advance(overall)
@@ -537,7 +577,7 @@ def _remove_item(root: Path, source: Source) -> bool:
     says failed, and the tile index, rebuilt from what is present, must agree. Returns whether one existed."""
     folder, index = ("volumes", "volume_index") if source.kind == "volume" else ("slides", "index")
     existed = (root / folder / source.item_id).exists()
-    (root / index / f"{source.item_id}.parquet").unlink(missing_ok=True)
+    own(root, index, f"{source.item_id}.parquet").unlink(missing_ok=True)
     shutil.rmtree(root / folder / source.item_id, ignore_errors=True)
     return existed
 

@@ -1,27 +1,31 @@
-"""The store: one Zarr v3 group (OME-NGFF 0.5 metadata) holding every ingested slide.
+"""The store: one Zarr v3 hierarchy of OME-NGFF 0.5 images holding every ingested slide and volume.
 
-Layout (see ../shared/DESIGN.md)::
+Layout (see ../shared/DESIGN.md; NGFF metadata in data_plane/ngff.py)::
 
-    store.zarr/
-      slides/<slide_id>/        attrs: source, sha256, vendor, mpp, objective_power, label, split, group
-          0 1 2 …               RGB uint8 (y, x, c) pyramid, level l = 2**l downsample of level 0,
-                                chunks of one tile; chunks with no tissue are not written and read
+    store.zarr/                 group; attrs["tessera"]["store_version"]
+      slides/                   group of slides
+        <slide_id>/             NGFF multiscale image; attrs: ome, tessera (source, sha256, mpp, label, split, …)
+          0 1 2 …               RGB uint8 (c, y, x) pyramid, level l = 2**l downsample of level 0, chunks of
+                                one whole RGB tile (3, t, t); chunks with no tissue are not written and read
                                 back as white (fill value 255)
-          tissue                uint8 mask, attrs["downsample"] level-0 pixels per mask pixel
-          annotations/<name>    uint8 masks, attrs["downsample"]
-          heatmaps/<run>        float32 score maps written by evaluation
-      index/<slide_id>.parquet  each slide's rows of the tile index (outside the Zarr hierarchy)
-      tiles.parquet             every complete slide's rows (rebuilt after each ingest)
-      volumes/<volume_id>/      image (z, y, x) float32, mask, scores/<run> (see data_plane/volumes.py)
-      volume_index/<id>.parquet, volumes.parquet   one row per volume (shape, spacing, label, split, group)
-      manifest.json             ingest version, config, per-slide status (done / failed + reason)
+          labels/tissue         NGFF label pyramid (uint8), attrs["tessera"]["downsample"] at its level 0
+          labels/<annotation>   NGFF label pyramids rasterised from ASAP XML / GeoJSON regions
+          heatmaps/<run>        float32 score image (y, x) written by evaluation, in the slide's µm space
+      volumes/                  group of volumes
+        <volume_id>/            NGFF image (z, y, x) float32 in mm, RAS (see data_plane/volumes.py)
+          0                     the voxels; labels/mask the optional voxel mask; scores/<run> score images
+      .tessera/                 tessera's own files (a zarr group, so walking the store does not warn):
+        tiles.parquet           every complete slide's tile rows (rebuilt after each ingest)
+        volumes.parquet         one row per complete volume
+        index/, volume_index/   each item's rows; manifest.json (per-item status); partial/ items being built
 
 **Coordinates are level-0 pixels (y, x) everywhere**: in tiles.parquet, in stream outputs
 (``level0_yx``) and in heatmaps' attrs. A pixel (y, x) of level l covers level-0 pixels
 (y·2**l, x·2**l) … ((y+1)·2**l − 1, (x+1)·2**l − 1).
 
-A slide is built under ``.partial/<slide_id>`` and renamed into ``slides/`` when complete, so every
-slide under ``slides/`` is whole.
+An item is built under ``.tessera/partial/<id>`` and renamed into ``slides/`` or ``volumes/`` when
+complete, so every item there is whole. Stores of an older layout are refused with the command that
+migrates them (:mod:`data_plane.migrate`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import numpy as np
 # failing in turn.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: NGFF 0.5 images (c, y, x), labels, tessera's files under .tessera/
+OWN = ".tessera"
 BACKGROUND = 255  # fill value of pyramid levels: unwritten chunks read as white glass
 
 
@@ -52,16 +57,53 @@ def store_path(store: str | Path) -> Path:
     return Path(text.removeprefix("file://"))
 
 
+def own(store: str | Path, *parts: str) -> Path:
+    """A path among tessera's own files of the store (tile index, manifest, partial items)."""
+    return store_path(store).joinpath(OWN, *parts)
+
+
+class StoreVersionError(RuntimeError):
+    """A store written in a layout this tessera does not read; the message gives the command to migrate."""
+
+
+def store_version(store: str | Path) -> int | None:
+    """The layout version recorded at the store's root (1 for stores that predate the record)."""
+    path = store_path(store) / "zarr.json"
+    if not path.is_file():
+        return None
+    attrs = json.loads(path.read_text()).get("attributes", {})
+    return int(attrs.get("tessera", {}).get("store_version", 1))
+
+
+def check_store(store: str | Path) -> Path:
+    """The store's path, after checking it is in this tessera's layout."""
+    root = store_path(store)
+    version = store_version(root)
+    if version is not None and version < STORE_VERSION:
+        raise StoreVersionError(
+            f"store '{root}' is in store layout {version}, written by an older tessera; this tessera reads "
+            f"layout {STORE_VERSION} (OME-NGFF 0.5). Migrate it once, in place, without re-ingesting: "
+            f"`tessera store migrate {root}`")
+    if version is not None and version > STORE_VERSION:
+        raise StoreVersionError(f"store '{root}' is in store layout {version}, newer than this tessera reads "
+                                f"({STORE_VERSION}): upgrade tessera")
+    return root
+
+
 def init_store(store: str | Path) -> Path:
-    """Create the root and ``slides`` groups if missing; returns the store's path."""
+    """Create the root, ``slides``, ``volumes`` and ``.tessera`` groups if missing; returns the store's path."""
     import zarr
 
-    root = store_path(store)
+    root = check_store(store)
     if not (root / "zarr.json").exists():
         group = zarr.open_group(str(root), mode="a")
         group.attrs["tessera"] = {"store_version": STORE_VERSION}
-    if not (root / "slides" / "zarr.json").exists():
-        zarr.open_group(str(root / "slides"), mode="a")
+    for name, note in (("slides", None), ("volumes", None),
+                       (OWN, "tessera's tile index, manifest and items being written; not image data")):
+        if not (root / name / "zarr.json").exists():
+            group = zarr.open_group(str(root / name), mode="a")
+            if note:
+                group.attrs["tessera"] = {"contents": note}
     return root
 
 
@@ -93,7 +135,7 @@ class Manifest:
     """``manifest.json``: per-item status, written atomically by the one process driving an ingest."""
 
     def __init__(self, root: Path):
-        self.path = root / "manifest.json"
+        self.path = own(root, "manifest.json")
         self.data: dict[str, Any] = {"store_version": STORE_VERSION, "config": {}, "items": {}}
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
@@ -110,26 +152,6 @@ class Manifest:
         atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
-def ome_multiscales(name: str, levels: int, mpp: float | None) -> dict:
-    """OME-NGFF 0.5 ``multiscales`` for a (y, x, c) pyramid; scales in micrometres when mpp is known.
-
-    NGFF puts channels before space; tessera keeps (y, x, c) so one chunk holds one whole RGB tile.
-    """
-    unit = {"unit": "micrometer"} if mpp else {}
-    step = mpp or 1.0
-    return {
-        "version": "0.5",
-        "multiscales": [{
-            "name": name,
-            "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit},
-                     {"name": "c", "type": "channel"}],
-            "datasets": [{"path": str(level), "coordinateTransformations": [
-                {"type": "scale", "scale": [step * 2**level, step * 2**level, 1.0]}]}
-                for level in range(levels)],
-        }],
-    }
-
-
 def slide_ids(store: str | Path) -> list[str]:
     """Slides present (complete) in the store."""
     slides = store_path(store) / "slides"
@@ -139,15 +161,15 @@ def slide_ids(store: str | Path) -> list[str]:
 
 
 def rebuild_tile_index(store: str | Path) -> int:
-    """Concatenate every complete slide's ``tiles.parquet`` into the store's; returns the row count."""
+    """Concatenate every complete slide's index rows into the store's ``tiles.parquet``; returns the row count."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root = store_path(store)
-    tables = [pq.read_table(root / "index" / f"{sid}.parquet") for sid in slide_ids(root)
-              if (root / "index" / f"{sid}.parquet").is_file()]
+    tables = [pq.read_table(own(root, "index", f"{sid}.parquet")) for sid in slide_ids(root)
+              if own(root, "index", f"{sid}.parquet").is_file()]
     table = pa.concat_tables(tables) if tables else pa.table({})
-    atomic_write_parquet(table, root / "tiles.parquet")
+    atomic_write_parquet(table, own(root, "tiles.parquet"))
     return table.num_rows
 
 
@@ -159,14 +181,14 @@ def rebuild_volume_index(store: str | Path) -> int:
     root = store_path(store)
     folder = root / "volumes"
     ids = sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
-    tables = [pq.read_table(root / "volume_index" / f"{vid}.parquet") for vid in ids
-              if (root / "volume_index" / f"{vid}.parquet").is_file()]
+    tables = [pq.read_table(own(root, "volume_index", f"{vid}.parquet")) for vid in ids
+              if own(root, "volume_index", f"{vid}.parquet").is_file()]
     if not tables:
-        (root / "volumes.parquet").unlink(missing_ok=True)
+        own(root, "volumes.parquet").unlink(missing_ok=True)
         return 0
     # Rows written by an older tessera lack the spacing columns: they read as null, not as an error.
     table = pa.concat_tables(tables, promote_options="default")
-    atomic_write_parquet(table, root / "volumes.parquet")
+    atomic_write_parquet(table, own(root, "volumes.parquet"))
     return table.num_rows
 
 
@@ -174,7 +196,7 @@ def read_tile_index(store: str | Path):
     """The store's tile index as a pandas DataFrame."""
     import pandas as pd
 
-    path = store_path(store) / "tiles.parquet"
+    path = own(check_store(store), "tiles.parquet")
     if not path.is_file():
         raise FileNotFoundError(f"store '{store}' has no tiles.parquet: ingest slides into it first "
                                 f"(`tessera ingest SLIDES --store {store}`)")
@@ -182,24 +204,27 @@ def read_tile_index(store: str | Path):
 
 
 class LevelReader:
-    """Reads regions of one pyramid level.
+    """Reads regions of one pyramid level as (c, height, width) uint8.
 
     On a local store it reads the chunk files and decodes them with Blosc directly: zarr's
     synchronous API costs ~0.6 ms of event-loop overhead per call, which is most of the time for a
     256² tile (measured: 1070 tiles/s through zarr vs 3500/s decoding the same chunks directly).
-    Other stores, or arrays with other codecs, go through zarr.
+    A chunk holds one whole RGB tile (3, t, t), so an aligned tile is one file and one decode into the
+    output. Other stores, or arrays with other codecs, go through zarr.
     """
 
     def __init__(self, array):
         self.array = array
-        self.shape = array.shape
-        self.chunk = array.chunks[:2]
+        self.shape = array.shape                 # (c, H, W)
+        self.channels = array.shape[0]
+        self.chunk = array.chunks[1:]
         self.fill = array.fill_value
         self._dir = None
         self._codec = None
         codecs = [c.to_dict() for c in array.metadata.codecs]
         local = type(array.store).__name__ == "LocalStore"
-        if local and [c["name"] for c in codecs] == ["bytes", "blosc"] and array.dtype == np.uint8:
+        whole_channels = array.chunks[0] == self.channels
+        if local and whole_channels and [c["name"] for c in codecs] == ["bytes", "blosc"] and array.dtype == np.uint8:
             from numcodecs import Blosc
 
             self._dir = str(Path(str(array.store.root)) / array.path)
@@ -207,21 +232,21 @@ class LevelReader:
             self._sep = array.metadata.chunk_key_encoding.separator
 
     def read(self, y: int, x: int, height: int, width: int) -> np.ndarray:
-        """Pixels [y, y+height) × [x, x+width) of this level; outside the level reads as fill."""
+        """Pixels [y, y+height) × [x, x+width) of this level, (c, height, width); outside reads as fill."""
         if self._dir is None or y < 0 or x < 0:
             return self._read_zarr(y, x, height, width)
         ch, cw = self.chunk
-        channels = self.shape[2]
+        channels = self.channels
         sep = self._sep
-        out = np.empty((height, width, channels), dtype=np.uint8)
+        out = np.empty((channels, height, width), dtype=np.uint8)
         for cy in range(y // ch, (y + height - 1) // ch + 1):
             for cx in range(x // cw, (x + width - 1) // cw + 1):
                 y0, x0 = cy * ch, cx * cw
                 sy, sx = max(y, y0), max(x, x0)
                 ey, ex = min(y + height, y0 + ch), min(x + width, x0 + cw)
-                target = out[sy - y:ey - y, sx - x:ex - x]
+                target = out[:, sy - y:ey - y, sx - x:ex - x]
                 try:
-                    with open(f"{self._dir}/c{sep}{cy}{sep}{cx}{sep}0", "rb") as f:
+                    with open(f"{self._dir}/c{sep}0{sep}{cy}{sep}{cx}", "rb") as f:
                         raw = f.read()
                 except FileNotFoundError:
                     target[...] = self.fill  # background chunk (never written) or outside the level
@@ -229,16 +254,16 @@ class LevelReader:
                 if (sy, sx, ey, ex) == (y0, x0, y0 + ch, x0 + cw) and target.flags.c_contiguous:
                     self._codec.decode(raw, out=target)  # a whole aligned chunk: decode in place
                 else:
-                    chunk = np.frombuffer(self._codec.decode(raw), np.uint8).reshape(ch, cw, channels)
-                    target[...] = chunk[sy - y0:ey - y0, sx - x0:ex - x0]
+                    chunk = np.frombuffer(self._codec.decode(raw), np.uint8).reshape(channels, ch, cw)
+                    target[...] = chunk[:, sy - y0:ey - y0, sx - x0:ex - x0]
         return out
 
     def _read_zarr(self, y: int, x: int, height: int, width: int) -> np.ndarray:
-        out = np.full((height, width, self.shape[2]), self.fill, dtype=self.array.dtype)
+        out = np.full((self.channels, height, width), self.fill, dtype=self.array.dtype)
         sy, sx = max(y, 0), max(x, 0)
-        ey, ex = min(y + height, self.shape[0]), min(x + width, self.shape[1])
+        ey, ex = min(y + height, self.shape[1]), min(x + width, self.shape[2])
         if ey > sy and ex > sx:
-            out[sy - y:ey - y, sx - x:ex - x] = self.array[sy:ey, sx:ex]
+            out[:, sy - y:ey - y, sx - x:ex - x] = self.array[:, sy:ey, sx:ex]
         return out
 
 

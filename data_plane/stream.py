@@ -71,11 +71,10 @@ class _SlideReaders:
         if slide_id not in self.masks:
             import zarr
 
-            folder = self.root / "slides" / slide_id / "annotations"
-            arrays = [zarr.open_array(str(p), mode="r") for p in sorted(folder.iterdir())
-                      if (p / "zarr.json").is_file()] if folder.is_dir() else []
-            self.masks[slide_id] = (np.logical_or.reduce([a[:] > 0 for a in arrays]),
-                                    int(arrays[0].attrs["downsample"])) if arrays else None
+            names = slide_annotations(self.root, slide_id)
+            labels = [zarr.open_group(str(self.root / "slides" / slide_id / "labels" / n), mode="r") for n in names]
+            self.masks[slide_id] = (np.logical_or.reduce([g["0"][:] > 0 for g in labels]),
+                                    int(labels[0].attrs["tessera"]["downsample"])) if labels else None
         return self.masks[slide_id]
 
 
@@ -103,7 +102,15 @@ def keep_freed_memory() -> bool:
 def has_annotations(store, tiles) -> bool:
     """Whether any slide among these tiles carries annotation masks (else items carry no ``mask``)."""
     root = store_path(store)
-    return any((root / "slides" / sid / "annotations").is_dir() for sid in tiles["slide_id"].unique())
+    return any(slide_annotations(root, sid) for sid in tiles["slide_id"].unique())
+
+
+def slide_annotations(root: Path, slide_id: str) -> list[str]:
+    """The slide's annotation label names (its labels other than the tissue mask)."""
+    import json
+
+    attrs = json.loads((root / "slides" / slide_id / "zarr.json").read_text()).get("attributes", {})
+    return list(attrs.get("tessera", {}).get("annotations", []))
 
 
 def _resize(pixels: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
@@ -140,18 +147,23 @@ class _TileLoader:
             else:
                 offset_y = offset_x = (size - read) // 2
         y0, x0 = int(row.y) + offset_y * scale, int(row.x) + offset_x * scale
-        pixels = self.readers.level(row.slide_id, level).read(y0 // scale, x0 // scale, read, read)
-        pixels = _resize(pixels, out)
-        if self.stain_config is not None and self.stain_config.method != "none" and self.stain_config.apply == "stream":
-            if self._stain is None:
-                from data_plane.stain import StainNormalizer
+        pixels = self.readers.level(row.slide_id, level).read(y0 // scale, x0 // scale, read, read)  # (C, H, W)
+        stain = self.stain_config is not None and self.stain_config.method != "none" and \
+            self.stain_config.apply == "stream"
+        if read != out or stain:  # PIL and the stain normaliser work on (H, W, C)
+            pixels = _resize(pixels.transpose(1, 2, 0), out)
+            if stain:
+                if self._stain is None:
+                    from data_plane.stain import StainNormalizer
 
-                self._stain = StainNormalizer.from_config(self.stain_config)
-            pixels = self._stain.normalize_uint8(pixels)
+                    self._stain = StainNormalizer.from_config(self.stain_config)
+                pixels = self._stain.normalize_uint8(pixels)
+            image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1) \
+                .to(torch.float32, memory_format=torch.contiguous_format)
+        else:
+            image = torch.from_numpy(pixels).to(torch.float32)  # the store's chunks are (C, H, W) already
         item = {
-            # One strided pass from (H, W, C) uint8 to contiguous (C, H, W) float.
-            "image": torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-                          .mul_(1 / 255),
+            "image": image.mul_(1 / 255),
             "slide_id": row.slide_id,
             "level0_yx": torch.tensor([y0, x0], dtype=torch.int64),
             "label": row.label,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from data_plane.config import VolumeStreamConfig
 from data_plane.store import store_path
 from data_plane.stream import TARGETS, ShardedStream
-from data_plane.volumes import volume_index
+from data_plane.volumes import volume_array, volume_index
 
 
 def select_volumes(volumes, config: VolumeStreamConfig):
@@ -71,9 +71,7 @@ class _Volumes:
     def array(self, volume_id: str, name: str = "image"):
         key = (volume_id, name)
         if key not in self.arrays:
-            import zarr
-
-            self.arrays[key] = zarr.open_array(str(self.root / "volumes" / volume_id / name), mode="r")
+            self.arrays[key] = volume_array(self.root, volume_id, name)
         return self.arrays[key]
 
     def info(self, volume_id: str) -> dict:

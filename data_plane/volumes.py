@@ -1,9 +1,10 @@
 """Volumes (NIfTI files, DICOM series folders) into the store, and scores written back out.
 
-Stored as ``volumes/<id>/image``: float32 (z, y, x) after reorientation to RAS, so that
-``image[k, j, i]`` is voxel (i, j, k) of the RAS image whose affine is ``attrs["tessera"]["affine"]``;
-intensities clipped to percentiles and scaled to [0, 1] (the values used are recorded). An optional
-voxel mask sits beside it as ``mask`` (uint8). The input's own affine and shape are kept so that
+Stored as the NGFF image ``volumes/<id>``, array ``0``: float32 (z, y, x) after reorientation to RAS,
+so that ``0[k, j, i]`` is voxel (i, j, k) of the RAS image whose affine is ``attrs["tessera"]["affine"]``;
+mm scales and the origin in the NGFF metadata (data_plane/ngff.py); intensities clipped to
+percentiles and scaled to [0, 1] (the values used are recorded). An optional voxel mask is its NGFF
+label ``labels/mask`` (uint8); score volumes are images ``scores/<run>`` in the same space. The input's own affine and shape are kept so that
 scores can be written back in the input's grid (MOOD's contract).
 """
 
@@ -17,6 +18,17 @@ import numpy as np
 from data_plane.config import DataConfig
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
+ARRAYS = {"image": "0", "mask": "labels/mask/0"}  # the volume's arrays, by role, inside its group
+
+
+def volume_array(store, volume_id: str, name: str = "image"):
+    """One of a stored volume's arrays: ``image``, ``mask`` or ``scores/<run>``, opened read-only."""
+    import zarr
+
+    from data_plane.store import store_path
+
+    path = ARRAYS.get(name, f"{name}/0")
+    return zarr.open_array(str(store_path(store) / "volumes" / volume_id / path), mode="r")
 
 
 def is_volume_path(path: Path) -> bool:
@@ -160,7 +172,8 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
     from zarr.codecs import BloscCodec, BloscShuffle
 
     from data_plane.ingest import IngestError, _sha256
-    from data_plane.store import atomic_write_parquet
+    from data_plane.ngff import LABEL_COLOURS, NGFF_VERSION, multiscales, volume_axes, volume_ome, volume_transform
+    from data_plane.store import atomic_write_parquet, own
 
     started = time.time()
     root = Path(store)
@@ -181,20 +194,28 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
     voxels = np.asarray(image[0], np.float32).transpose(2, 1, 0)  # (i, j, k) -> (z, y, x)
     normalised, record = _normalise(voxels, config.volumes)
 
-    partial = root / ".partial" / source.item_id
+    partial = own(root, "partial", source.item_id)
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(str(partial), mode="w")
     chunk = config.volumes.chunk
     compressor = BloscCodec(cname="zstd", clevel=config.ingest.compression_level, shuffle=BloscShuffle.shuffle)
     chunks = tuple(min(chunk, s) for s in normalised.shape)
-    group.create_array("image", data=normalised, chunks=chunks, compressors=compressor,
+    group.create_array("0", data=normalised, chunks=chunks, compressors=compressor,
                        dimension_names=["z", "y", "x"])
     if mask is not None:
-        group.create_array("mask", data=(np.asarray(mask[0]).transpose(2, 1, 0) > 0.5).astype(np.uint8),
+        label = group.create_group("labels").create_group("mask")
+        label.create_array("0", data=(np.asarray(mask[0]).transpose(2, 1, 0) > 0.5).astype(np.uint8),
                            chunks=chunks, compressors=compressor, dimension_names=["z", "y", "x"])
+        step, offset = volume_transform(affine)
+        label.attrs["ome"] = {"version": NGFF_VERSION,
+                              "multiscales": [multiscales("mask", volume_axes(), [step], [offset])],
+                              "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"},
+                                              "colors": [{"label-value": 1, "rgba": LABEL_COLOURS["mask"]}]}}
+        group["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": ["mask"]}
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))  # voxel size along i, j, k in mm
     sha256 = _sha256(source.path) if source.path.is_file() else None
+    group.attrs["ome"] = volume_ome(source.item_id, affine)
     group.attrs["tessera"] = {
         "source": str(source.path), "sha256": sha256, "kind": "volume", "label": source.label,
         "split": source.split, "group": source.group, "orientation": "RAS", "axes": "zyx",
@@ -220,8 +241,8 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
                     "has_mask": [mask is not None],
                     # voxel size in mm, so spacing can be checked across a store without opening volumes
                     "spacing_z": [float(zooms[2])], "spacing_y": [float(zooms[1])], "spacing_x": [float(zooms[0])]})
-    (root / "volume_index").mkdir(exist_ok=True)
-    atomic_write_parquet(row, root / "volume_index" / f"{source.item_id}.parquet")
+    own(root, "volume_index").mkdir(exist_ok=True)
+    atomic_write_parquet(row, own(root, "volume_index", f"{source.item_id}.parquet"))
     if progress:
         progress(source.item_id, 1, 1)
     return {"status": "done", "kind": "volume", "source": str(source.path), "size": stat_size,
@@ -240,6 +261,7 @@ def write_volume_scores(store, volume_id: str, run: str, scores_zyx: np.ndarray,
     import zarr
     from nibabel.processing import resample_from_to
 
+    from data_plane.ngff import float_image_ome, volume_axes, volume_transform
     from data_plane.store import store_path
 
     group = zarr.open_group(str(store_path(store) / "volumes" / volume_id), mode="a")
@@ -248,10 +270,13 @@ def write_volume_scores(store, volume_id: str, run: str, scores_zyx: np.ndarray,
     if list(scores_zyx.shape) != info["shape_zyx"]:
         raise ValueError(f"scores of shape {scores_zyx.shape} do not match volume '{volume_id}' "
                          f"({tuple(info['shape_zyx'])})")
-    array = group.create_array(f"scores/{run}", shape=scores_zyx.shape, dtype="float32", overwrite=True,
-                               chunks=group["image"].chunks, dimension_names=["z", "y", "x"])
+    image = group.require_group("scores").create_group(run, overwrite=True)
+    array = image.create_array("0", shape=scores_zyx.shape, dtype="float32", chunks=group["0"].chunks,
+                               dimension_names=["z", "y", "x"])
     array[:] = scores_zyx
-    array.attrs.update({"sample_score": float(sample_score), "run": run})
+    step, offset = volume_transform(np.asarray(info["affine"]))
+    image.attrs.update({"ome": float_image_ome(f"{volume_id} {run}", volume_axes(), step, offset),
+                        "tessera": {"sample_score": float(sample_score), "run": run, "kind": "scores"}})
     written = {"zarr": f"volumes/{volume_id}/scores/{run}"}
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -273,9 +298,9 @@ def volume_index(store):
     """The store's volume index (one row per volume) as a pandas DataFrame."""
     import pandas as pd
 
-    from data_plane.store import store_path
+    from data_plane.store import check_store, own
 
-    path = store_path(store) / "volumes.parquet"
+    path = own(check_store(store), "volumes.parquet")
     if not path.is_file():
         raise FileNotFoundError(f"store '{store}' has no volumes.parquet: ingest volumes into it first")
     return pd.read_parquet(path)

@@ -111,6 +111,9 @@ def ingest(sources: list[str] = typer.Argument(None, help="Slides, NIfTI files, 
     console.print(f"ingested {len(report.done)}, already present {len(report.skipped)}, "
                   f"failed {len(report.failed)}; the store holds {report.tiles} indexed tiles and "
                   f"{report.volumes} volumes ({store or resolved.data.store})")
+    for item_id, warnings in report.warnings.items():
+        for warning in warnings:
+            console.print(f"[yellow]warning:[/] {item_id}: {warning}", highlight=False)
     if report.failed:
         lines = "\n".join(f"  {slide}: {reason}" for slide, reason in report.failed.items())
         _fail(f"{len(report.failed)} item(s) failed (recorded in manifest.json; rerun to retry):\n{lines}", code=1)
@@ -383,6 +386,42 @@ def score(model: Path = typer.Argument(..., help="A run directory or a `tessera 
         typer.echo(f"scores in {score_inputs(model, inputs, out)}")
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+
+
+@app.command("export-annotations")
+def export_annotations_command(
+        folder: Path = typer.Argument(..., help="An evaluation folder (RUN_DIR/eval-<split>) or a run directory."),
+        format: str = typer.Option("geojson", "--format", help="Output format: geojson (QuPath: File > Import objects)."),
+        threshold: Optional[float] = typer.Option(None, help="Heatmap score marking a region; default: the 95th "
+                                                            "percentile of the normal tiles' scores."),
+        split: str = typer.Option("test", help="The split, when FOLDER is a run directory."),
+        out: Optional[Path] = typer.Option(None, help="Output folder (default FOLDER/annotations).")) -> None:
+    """Slide heatmap regions (annotations) and per-tile scores (detections) as GeoJSON in level-0 pixels."""
+    from trainers.export_annotations import export_annotations
+
+    if format != "geojson":
+        _fail(f"--format {format!r}: only geojson is supported")
+    try:
+        written = export_annotations(folder, out, threshold, split)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        _fail(str(exc).strip("'\""))
+    for slide, path in written.items():
+        typer.echo(f"{slide}: {path}")
+
+
+store_app = typer.Typer(help="Maintain stores made by `tessera ingest`.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("migrate")
+def store_migrate(store: Path = typer.Argument(..., help="A store written by an older tessera.")) -> None:
+    """Rewrite a store of an older layout into this tessera's (OME-NGFF 0.5), in place, without re-ingesting:
+    pixels are re-chunked from the store itself, masks become NGFF labels. Per item atomic; rerun to resume."""
+    from data_plane.migrate import migrate_store
+
+    with _WritingTo(store):
+        done = migrate_store(store, progress=lambda line: typer.echo(line))
+    typer.echo(done)
 
 
 bench_app = typer.Typer(help="Build benchmarks with known anomalies from real sample data.", no_args_is_help=True)
@@ -764,10 +803,15 @@ def storage_message(exc: OSError) -> str:
 
 
 def main() -> None:
-    from data_plane.store import is_storage_error
+    from data_plane.store import StoreVersionError, is_storage_error
 
     try:
         app()
+    except StoreVersionError as exc:  # raised wherever a store is opened: one line, with the command to run
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
     except OSError as exc:
         if not is_storage_error(exc):
             raise

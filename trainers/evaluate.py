@@ -273,7 +273,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         _write_reconstructions(method, shown, device, out)
     generator = _generator_metrics(method, embedder, normal_features, env, device) if embedder is not None else None
     parts = _gather(env, (metrics, names))
-    settings = {"method_options": options or {}, "store": str(store),
+    settings = {"method_options": options or {}, "store": str(store), "heatmap": heatmap,
                 "seconds_per_tile": scoring / max(scored, 1)}  # the main rank's scoring time, loading excluded
     return _write_outputs(out, run_dir, parts, settings, {"generator": generator} if generator else None) \
         if parts is not None else None
@@ -701,11 +701,9 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
                      out: Path | None = None) -> dict | None:
     """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
     (with several ranks: each its share of the volumes, gathered on the main rank)."""
-    import zarr
-
     from data_plane.store import store_path
     from data_plane.volume_stream import select_volumes
-    from data_plane.volumes import volume_index, write_volume_scores
+    from data_plane.volumes import volume_array, volume_index, write_volume_scores
 
     device = device or torch.device("cpu")
     method, _ = load_method(run_dir, options)
@@ -740,7 +738,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
             if target < 0:
                 continue
-            mask = zarr.open_array(str(root / "volumes" / volume_id / "mask"), mode="r")[:] if row.has_mask else None
+            mask = volume_array(root, volume_id, "mask")[:] if row.has_mask else None
             metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask,
                         case_id=volume_id)
             if target == 1:
@@ -756,9 +754,9 @@ def _volume_figure(root: Path, volume_id: str, scores: np.ndarray, mask, folder:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import zarr
+    from data_plane.volumes import volume_array
 
-    image = zarr.open_array(str(root / "volumes" / volume_id / "image"), mode="r")
+    image = volume_array(root, volume_id)
     weight = mask if mask is not None and mask.any() else scores
     k = int(np.argmax(weight.reshape(weight.shape[0], -1).sum(1)))
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.6), dpi=100)

@@ -16,7 +16,7 @@ from data_plane.store import LevelReader
 
 
 def test_sample_slide_tile_index_and_mask_look_right(sample_store, sample_data):
-    tiles = pd.read_parquet(sample_store / "tiles.parquet")
+    tiles = pd.read_parquet(sample_store / ".tessera" / "tiles.parquet")
     group = zarr.open_group(str(sample_store / "slides" / "cmu_small_region"), mode="r")
     info = group.attrs["tessera"]
     assert info["vendor"] == "aperio" and info["objective_power"] == 20.0 and abs(info["mpp"] - 0.499) < 1e-3
@@ -24,7 +24,7 @@ def test_sample_slide_tile_index_and_mask_look_right(sample_store, sample_data):
     assert set(tiles["level"]) == {0} and set(tiles["size"]) == {256}
     assert len(tiles) > 30 and (tiles["tissue_fraction"] >= 0.05).all()
     assert ((tiles["y"] + 256 <= 2967) & (tiles["x"] + 256 <= 2220)).all()
-    mask = group["tissue"][:]
+    mask = group["labels/tissue/0"][:]
     assert 0.2 < mask.mean() < 0.6  # a strip of skin down the middle of the glass
     # Tiles judged tissue-rich are stained (saturated); glass is not.
     with openslide.OpenSlide(str(sample_data.slide)) as slide:
@@ -42,16 +42,16 @@ def test_pyramid_is_lossless_at_level0_and_halves_per_level(sample_store, sample
     group = zarr.open_group(str(sample_store / "slides" / "cmu_small_region"), mode="r")
     levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
     shapes = [group[str(level)].shape for level in levels]
-    assert shapes[0] == (2967, 2220, 3)
+    assert shapes[0] == (3, 2967, 2220)
     for finer, coarser in zip(shapes, shapes[1:]):
-        assert coarser[:2] == (-(-finer[0] // 2), -(-finer[1] // 2))
-    tiles = pd.read_parquet(sample_store / "tiles.parquet")
+        assert coarser == (3, -(-finer[1] // 2), -(-finer[2] // 2))
+    tiles = pd.read_parquet(sample_store / ".tessera" / "tiles.parquet")
     row = tiles.sort_values("tissue_fraction").iloc[-1]
-    level0 = LevelReader(group["0"]).read(int(row.y), int(row.x), 256, 256)
+    level0 = LevelReader(group["0"]).read(int(row.y), int(row.x), 256, 256).transpose(1, 2, 0)
     with openslide.OpenSlide(str(sample_data.slide)) as slide:
         direct = np.asarray(slide.read_region((int(row.x), int(row.y)), 0, (256, 256)).convert("RGB"))
     np.testing.assert_array_equal(level0, direct)
-    level1 = LevelReader(group["1"]).read(int(row.y) // 2, int(row.x) // 2, 128, 128).astype(int)
+    level1 = LevelReader(group["1"]).read(int(row.y) // 2, int(row.x) // 2, 128, 128).transpose(1, 2, 0).astype(int)
     pooled = level0.reshape(128, 2, 128, 2, 3).astype(int).sum(axis=(1, 3)) / 4
     assert np.abs(level1 - pooled).max() <= 1
     # Chunks that hold no tissue are not written.
@@ -65,7 +65,7 @@ def test_magnification_picks_the_pyramid_level(tmp_path, make_slide, data_config
     path = make_slide(tmp_path / "forty.svs", height=2048, width=2048, centre=(1024, 1024), radius=900)
     report = ingest(resolve_sources([str(path)]), tmp_path / "s.zarr", data_config("data.tiles.magnification=20"),
                     show_progress=False)
-    tiles = pd.read_parquet(tmp_path / "s.zarr" / "tiles.parquet")
+    tiles = pd.read_parquet(tmp_path / "s.zarr" / ".tessera" / "tiles.parquet")
     assert report.done == ["forty"]
     # 40x slide, 256 px tiles at 20x: level 1 of the store, 512 level-0 px per tile.
     assert set(tiles["level"]) == {1} and set(tiles["size"]) == {256}
@@ -87,8 +87,8 @@ def test_rerun_skips_finished_slides_and_redoes_changed_ones(tmp_path, make_slid
     # A new tile size changes the index: the slide is ingested again.
     changed = ingest(resolve_sources([str(path)]), store, data_config("data.tiles.size=128"), show_progress=False)
     assert changed.done == ["a"]
-    assert set(pd.read_parquet(store / "tiles.parquet")["out_size"]) == {128}
-    entry = json.loads((store / "manifest.json").read_text())["items"]["a"]
+    assert set(pd.read_parquet(store / ".tessera" / "tiles.parquet")["out_size"]) == {128}
+    entry = json.loads((store / ".tessera" / "manifest.json").read_text())["items"]["a"]
     assert entry["status"] == "done" and len(entry["sha256"]) == 64
 
 
@@ -127,13 +127,13 @@ def test_bad_inputs_fail_alone_with_reasons(tmp_path, make_slide, sample_data, d
     assert "does not exist" in reasons["missing"]
     assert "entirely outside the slide" in reasons["annotated"]
     assert any("already used by" in reason for key, reason in reasons.items() if key.startswith("good ("))
-    recorded = json.loads((store / "manifest.json").read_text())
+    recorded = json.loads((store / ".tessera" / "manifest.json").read_text())
     manifest = recorded["items"]
     assert manifest["good"]["status"] == "done" and manifest["blank"]["status"] == "failed"
     assert "already used by" in recorded["rejected"][str(duplicate)]["reason"]  # the duplicate is on record too
     # Nothing half-written is left looking complete.
     assert sorted(p.name for p in (store / "slides").iterdir() if p.is_dir()) == ["good"]
-    assert set(pd.read_parquet(store / "tiles.parquet")["slide_id"]) == {"good"}
+    assert set(pd.read_parquet(store / ".tessera" / "tiles.parquet")["slide_id"]) == {"good"}
 
 
 def test_cli_exits_nonzero_listing_failures(tmp_path, make_slide):
@@ -180,10 +180,10 @@ def test_a_reingest_that_fails_leaves_no_tiles_of_that_slide(tmp_path, make_slid
     report = ingest(resolve_sources([str(good), str(other)]), store, data_config(), show_progress=False)
     assert list(report.failed) == ["a"] and report.skipped == ["b"]
     assert "earlier version was removed" in report.failed["a"]
-    manifest = json.loads((store / "manifest.json").read_text())["items"]
+    manifest = json.loads((store / ".tessera" / "manifest.json").read_text())["items"]
     assert manifest["a"]["status"] == "failed"
-    assert set(pd.read_parquet(store / "tiles.parquet")["slide_id"]) == {"b"}
-    assert not (store / "slides" / "a").exists() and not (store / "index" / "a.parquet").exists()
+    assert set(pd.read_parquet(store / ".tessera" / "tiles.parquet")["slide_id"]) == {"b"}
+    assert not (store / "slides" / "a").exists() and not (store / ".tessera" / "index" / "a.parquet").exists()
 
 
 INTERRUPTIBLE = """
@@ -199,7 +199,7 @@ def test_sigkill_mid_slide_then_resume(tmp_path, make_slide):
     path = make_slide(tmp_path / "big.svs", height=6144, width=6144, centre=(3072, 3072), radius=3000)
     store = tmp_path / "s.zarr"
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, str(path), str(store)])
-    partial = store / ".partial" / "big" / "0" / "c"
+    partial = store / ".tessera" / "partial" / "big" / "0" / "c"
     deadline = time.time() + 120
     while time.time() < deadline and not (partial.is_dir() and sum(1 for _ in partial.rglob("*")) > 40):
         time.sleep(0.05)
@@ -207,15 +207,15 @@ def test_sigkill_mid_slide_then_resume(tmp_path, make_slide):
     proc.wait()
     assert partial.is_dir(), "the ingest finished or never started before it could be interrupted"
     assert not (store / "slides" / "big").exists()
-    manifest = store / "manifest.json"
+    manifest = store / ".tessera" / "manifest.json"
     assert not manifest.exists() or "big" not in json.loads(manifest.read_text())["items"]
     # The rerun clears the partial slide and its stale lock, and completes.
     subprocess.run([sys.executable, "-c", INTERRUPTIBLE, str(path), str(store)], check=True)
-    assert not (store / ".partial" / "big").exists()
-    tiles = pd.read_parquet(store / "tiles.parquet")
+    assert not (store / ".tessera" / "partial" / "big").exists()
+    tiles = pd.read_parquet(store / ".tessera" / "tiles.parquet")
     clean = tmp_path / "clean.zarr"
     subprocess.run([sys.executable, "-c", INTERRUPTIBLE, str(path), str(clean)], check=True)
-    pd.testing.assert_frame_equal(tiles, pd.read_parquet(clean / "tiles.parquet"))
+    pd.testing.assert_frame_equal(tiles, pd.read_parquet(clean / ".tessera" / "tiles.parquet"))
     a = zarr.open_array(str(store / "slides" / "big" / "2"), mode="r")[:]
     b = zarr.open_array(str(clean / "slides" / "big" / "2"), mode="r")[:]
     np.testing.assert_array_equal(a, b)
@@ -229,7 +229,7 @@ def test_parallel_ingest_with_ray(tmp_path, make_slide, data_config):
     config = data_config("data.tiles.magnification=null")
     report = ingest(sources, tmp_path / "s.zarr", config, workers=2, show_progress=False)
     assert sorted(report.done) == ["s0", "s1", "s2"] and list(report.failed) == ["broken"]
-    tiles = pd.read_parquet(tmp_path / "s.zarr" / "tiles.parquet")
+    tiles = pd.read_parquet(tmp_path / "s.zarr" / ".tessera" / "tiles.parquet")
     counts = tiles.groupby("slide_id").size()
     assert counts["s0"] < counts["s1"] < counts["s2"]  # bigger discs, more tiles
 
@@ -240,10 +240,10 @@ def test_stain_normalisation_at_ingest(tmp_path, sample_data, texture, data_conf
     config = data_config("data.stain.method=reinhard", "data.stain.apply=ingest")
     report = ingest(resolve_sources([str(sample_data.slide)]), tmp_path / "s.zarr", config, show_progress=False)
     assert report.done == ["cmu_small_region"]
-    tiles = pd.read_parquet(tmp_path / "s.zarr" / "tiles.parquet")
+    tiles = pd.read_parquet(tmp_path / "s.zarr" / ".tessera" / "tiles.parquet")
     row = tiles.sort_values("tissue_fraction").iloc[-1]
     stored = LevelReader(zarr.open_array(str(tmp_path / "s.zarr" / "slides" / "cmu_small_region" / "0"),
-                                         mode="r")).read(int(row.y), int(row.x), 256, 256)
+                                         mode="r")).read(int(row.y), int(row.x), 256, 256).transpose(1, 2, 0)
     with openslide.OpenSlide(str(sample_data.slide)) as slide:
         raw = np.asarray(slide.read_region((int(row.x), int(row.y)), 0, (256, 256)).convert("RGB"))
     target = rgb2lab(texture).reshape(-1, 3).mean(0)
@@ -270,7 +270,7 @@ def test_a_read_only_or_full_store_ends_in_one_line_and_a_rerun_resumes(sample_d
     done = tessera("--store", str(full / "store.zarr"))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "disk is full" in done.stderr and str(full) in done.stderr and "df -h" in done.stderr
-    manifest = full / "store.zarr" / "manifest.json"
+    manifest = full / "store.zarr" / ".tessera" / "manifest.json"
     assert not manifest.exists() or json.loads(manifest.read_text())["items"].get(
         "cmu_small_region", {}).get("status") != "done"
     assert not (full / "store.zarr" / "slides" / "cmu_small_region").exists()  # nothing half-written looks whole

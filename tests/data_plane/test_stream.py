@@ -108,7 +108,7 @@ def test_annotation_masks_label_tiles_and_crop_with_the_image(tmp_path, make_sli
     report = ingest([Source(slide, "tumour", "anomalous", "test", xml, "metastasis")], store, config,
                     show_progress=False)
     assert report.done == ["tumour"], report.failed
-    tiles = pd.read_parquet(store / "tiles.parquet")
+    tiles = pd.read_parquet(store / ".tessera" / "tiles.parquet")
     anomalous = tiles[tiles["label"] == "anomalous"]
     assert set(zip(anomalous["y"], anomalous["x"])) == {(512, 512), (512, 768), (768, 512), (768, 768)}
     assert (tiles[tiles["label"] == "normal"]["annotation_fraction"] == 0).all()
@@ -136,8 +136,8 @@ def test_geojson_annotations(tmp_path, make_slide, data_config):
     report = ingest([Source(slide, "q", "anomalous", "test", path, "")], store,
                     data_config("data.tiles.magnification=null"), show_progress=False)
     assert report.done == ["q"]
-    assert (store / "slides" / "q" / "annotations" / "tumor" / "zarr.json").is_file()
-    assert (pd.read_parquet(store / "tiles.parquet")["label"] == "anomalous").sum() == 4
+    assert (store / "slides" / "q" / "labels" / "tumor" / "0" / "zarr.json").is_file()
+    assert (pd.read_parquet(store / ".tessera" / "tiles.parquet")["label"] == "anomalous").sum() == 4
 
 
 def test_grid_stream_and_heatmap_stitch_back(sample_store, tmp_path):
@@ -151,9 +151,9 @@ def test_grid_stream_and_heatmap_stitch_back(sample_store, tmp_path):
     yx = torch.stack([i["level0_yx"] for i in items]).numpy()
     scores = yx[:, 0].astype(float)  # a score that grows down the slide
     heat = write_heatmap(sample_store, "cmu_small_region", "probe", yx, 256, scores=scores)
-    stored = zarr.open_array(str(sample_store / "slides" / "cmu_small_region" / "heatmaps" / "probe"), mode="r")
-    np.testing.assert_array_equal(stored[:], heat)
-    ds = stored.attrs["downsample"]
+    stored = zarr.open_group(str(sample_store / "slides" / "cmu_small_region" / "heatmaps" / "probe"), mode="r")
+    np.testing.assert_array_equal(stored["0"][:], heat)
+    ds = stored.attrs["tessera"]["downsample"]
     for (y, x), score in zip(yx, scores):
         assert heat[y // ds + 1, x // ds + 1] == score
     assert np.isnan(heat[0, 0])  # glass was never scored

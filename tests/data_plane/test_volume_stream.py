@@ -41,12 +41,12 @@ def test_volume_streams_cover_each_item_once(brain_store, stream_class, world_si
 
 
 def test_patches_are_read_where_they_say(brain_store):
-    import zarr
+    from data_plane.volumes import volume_array
 
     stream = PatchStream(brain_store, VolumeStreamConfig(patch_size=24, patches_per_volume=2))
     for item in stream:
         z, y, x = item["origin_zyx"].tolist()
-        volume = zarr.open_array(str(brain_store / "volumes" / item["volume_id"] / "image"), mode="r")
+        volume = volume_array(brain_store, item["volume_id"])
         np.testing.assert_array_equal(item["image"][0].numpy(), volume[z:z + 24, y:y + 24, x:x + 24])
     again = [i["origin_zyx"].tolist() for i in PatchStream(brain_store, VolumeStreamConfig(patch_size=24, patches_per_volume=2))]
     first = [i["origin_zyx"].tolist() for i in stream]
@@ -95,7 +95,7 @@ def test_slide_benchmark_ingests_into_labelled_groups(tmp_path, sample_data):
     config = load_config(tmp_path / "bench" / "recipe.yaml").data
     report = ingest(resolve_sources([], manifest), tmp_path / "s.zarr", config, show_progress=False)
     assert not report.failed and len(report.done) == 2 + len(SLIDE_GROUPS)
-    tiles = pd.read_parquet(tmp_path / "s.zarr" / "tiles.parquet")
+    tiles = pd.read_parquet(tmp_path / "s.zarr" / ".tessera" / "tiles.parquet")
     assert set(tiles[tiles["split"] == "train"]["label"]) == {"normal"}
     counts = tiles[tiles["label"] == "anomalous"].groupby("group").size()
     assert set(counts.index) == set(SLIDE_GROUPS) and (counts >= 4).all()

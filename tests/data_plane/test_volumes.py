@@ -14,7 +14,9 @@ NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 
 
 def stored(store, volume_id, name="image"):
-    return zarr.open_array(str(Path(store) / "volumes" / volume_id / name), mode="r")
+    from data_plane.volumes import volume_array
+
+    return volume_array(store, volume_id, name)
 
 
 def test_mni152_template_with_its_brain_mask(tmp_path, sample_data, data_config):
@@ -31,7 +33,7 @@ def test_mni152_template_with_its_brain_mask(tmp_path, sample_data, data_config)
     info = zarr.open_group(str(tmp_path / "s.zarr" / "volumes" / "mni152"), mode="r").attrs["tessera"]
     assert info["orientation"] == "RAS" and np.allclose(info["spacing_xyz"], 1.0)
     assert info["normalisation"]["clip_high"] > info["normalisation"]["clip_low"]
-    row = pd.read_parquet(tmp_path / "s.zarr" / "volumes.parquet").iloc[0]
+    row = pd.read_parquet(tmp_path / "s.zarr" / ".tessera" / "volumes.parquet").iloc[0]
     assert (row.volume_id, row.shape_z, row.has_mask) == ("mni152", 189, True)
 
 
@@ -68,10 +70,10 @@ def test_resampling_to_a_target_spacing(tmp_path, data_config):
 
     root = tmp_path / "s.zarr"
     shutil.copytree(root / "volumes" / "standard", root / "volumes" / "older")
-    old_row = pq.read_table(root / "volume_index" / "standard.parquet").drop_columns(
+    old_row = pq.read_table(root / ".tessera" / "volume_index" / "standard.parquet").drop_columns(
         ["spacing_x", "spacing_y", "spacing_z"])
     old_row = old_row.set_column(0, "volume_id", pa.array(["older"]))
-    pq.write_table(old_row, root / "volume_index" / "older.parquet")
+    pq.write_table(old_row, root / ".tessera" / "volume_index" / "older.parquet")
     assert rebuild_volume_index(root) == 2
     index = volume_index(root).set_index("volume_id")
     assert pd.isna(index.loc["older", "spacing_z"]) and index.loc["standard", "spacing_z"] == pytest.approx(4.0)
@@ -99,7 +101,7 @@ def test_bad_volumes_fail_alone_with_reasons(tmp_path, sample_data, data_config)
     assert "must share one voxel grid" in report.failed["mismatch"]
     assert "does not exist" in report.failed["missing"]
     assert sorted(p.name for p in (store / "volumes").iterdir() if p.is_dir()) == ["good"]
-    manifest = json.loads((store / "manifest.json").read_text())["items"]
+    manifest = json.loads((store / ".tessera" / "manifest.json").read_text())["items"]
     assert manifest["corrupt"]["status"] == "failed" and manifest["good"]["kind"] == "volume"
     assert ingest(sources[:1], store, data_config(), show_progress=False).skipped == ["good"]
 
@@ -134,7 +136,8 @@ def test_scores_go_back_to_the_inputs_grid(tmp_path, data_config, flipped):
     # The score volume was the normalised image itself: back in the input grid it follows the input.
     assert np.corrcoef(np.asarray(back.dataobj).ravel(), data.ravel())[0, 1] > 0.99
     assert Path(written["txt"]).read_text().strip() == "0.750000"
-    assert stored(store, "case", "scores/probe").attrs["sample_score"] == 0.75
+    scores = zarr.open_group(str(Path(store) / "volumes" / "case" / "scores" / "probe"), mode="r")
+    assert scores.attrs["tessera"]["sample_score"] == 0.75
     with pytest.raises(ValueError, match="do not match volume"):
         write_volume_scores(store, "case", "bad", image[1:], 0.0)
 
@@ -207,7 +210,7 @@ def test_nonfinite_voxels_fail_the_volume_or_are_zeroed_by_policy(tmp_path, data
     report = ingest(sources, store, data_config(), show_progress=False)
     assert report.done == ["whole"]
     assert "2 non-finite voxel(s)" in report.failed["holes"] and "(10, 20, 5)" in report.failed["holes"]
-    manifest = json.loads((store / "manifest.json").read_text())["items"]
+    manifest = json.loads((store / ".tessera" / "manifest.json").read_text())["items"]
     assert manifest["holes"]["status"] == "failed" and not (store / "volumes" / "holes").exists()
     assert list(volume_index(store)["volume_id"]) == ["whole"]
 

@@ -69,6 +69,46 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
         assert pixels["histograms"][pixels["labels"] == 1, 1].sum() > 0  # anomalous voxels of anomalous tiles
 
 
+def test_export_annotations_round_trips_through_geojson_into_a_store(trained, tmp_path):
+    import numpy as np
+    import zarr
+
+    from data_plane.heatmap import read_heatmap
+    from data_plane.ingest import Source, ingest
+    from tessera.config import load_config
+    from trainers.evaluate import evaluate
+
+    run_dir, store, bench = trained
+    evaluate(run_dir, split="test", workers=0, show_progress=False)
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "export-annotations", str(run_dir / "eval-test"),
+                           "--format", "geojson"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(run_dir / "eval-test" / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    files = sorted((run_dir / "eval-test" / "annotations").glob("*.geojson"))
+    assert {p.stem for p in files} == {r["id"].rpartition("@")[0] for r in rows}
+    # The slide with the most flagged tissue: its regions go back in as an annotation of the same slide.
+    collections = {p.stem: json.loads(p.read_text()) for p in files}
+    slide = max(collections, key=lambda s: sum(f["properties"]["objectType"] == "annotation"
+                                               for f in collections[s]["features"]))
+    collection = collections[slide]
+    threshold = collection["properties"]["tessera"]["threshold"]
+    detections = [f for f in collection["features"] if f["properties"]["objectType"] == "detection"]
+    assert len(detections) == sum(r["id"].startswith(f"{slide}@") for r in rows)
+    assert all("anomaly score" in f["properties"]["measurements"] for f in detections)
+    heat, downsample = read_heatmap(store, slide, run_dir.name)
+    expected = np.nan_to_num(heat, nan=-np.inf) >= threshold
+    assert expected.any() and not expected.all()
+    source = bench / f"{slide}.tiff"
+    again = tmp_path / "again.zarr"
+    config = load_config(bench / "recipe.yaml", [f"data.annotations.downsample={downsample}"]).data
+    report = ingest([Source(source, slide, "anomalous", "test", run_dir / "eval-test" / "annotations" / f"{slide}.geojson")],
+                    again, config, show_progress=False)
+    assert report.done == [slide], report.failed
+    imported = zarr.open_group(str(again / "slides" / slide / "labels" / "anomaly"), mode="r")["0"][:] > 0
+    np.testing.assert_array_equal(imported, expected)
+
+
 def test_compare_pairs_two_evaluations_of_the_same_items(trained, tmp_path):
     from typer.testing import CliRunner
 
@@ -260,12 +300,11 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
     import zarr
 
     import trainers.evaluate as evaluation
-    from data_plane.volumes import volume_index
+    from data_plane.volumes import volume_array, volume_index
 
     index = volume_index(store)
     evaluate(run_dir, split="train", workers=0, show_progress=False, score_smoothing=2.0)
-    stored = {v: zarr.open_array(str(store / "volumes" / v / "scores" / run_dir.name), mode="r")
-              for v in index["volume_id"]}
+    stored = {v: volume_array(store, v, f"scores/{run_dir.name}") for v in index["volume_id"]}
     train_normals = index[(index["split"] == "train") & (index["label"] == "normal")]["volume_id"]
     expected = np.mean([stored[v][:] for v in train_normals], axis=0)
     test_ids = list(index[index["split"] == "test"]["volume_id"])
@@ -276,10 +315,10 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
     with np.load(run_dir / "baselines" / "train-sigma2.npz") as saved:
         assert np.allclose(saved["mean"], expected, atol=1e-5)
     for volume_id in test_ids:
-        written = zarr.open_array(str(store / "volumes" / volume_id / "scores" / run_dir.name), mode="r")
-        scores = written[:]
+        written = zarr.open_group(str(store / "volumes" / volume_id / "scores" / run_dir.name), mode="r")
+        scores = written["0"][:]
         assert np.allclose(scores, unsubtracted[volume_id], atol=1e-6)
-        assert written.attrs["sample_score"] == pytest.approx(
+        assert written.attrs["tessera"]["sample_score"] == pytest.approx(
             evaluation.volume_score(scores - expected), abs=1e-5)
     scored = []
     with monkeypatch.context() as patch:
