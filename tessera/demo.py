@@ -176,6 +176,12 @@ def run_demo(config, console: Console | None = None) -> Path:
                   f"pixel AUROC {overall['pixel_auroc']:.3f}; heatmap overlays: "
                   f"{overlays[0].parent if overlays else 'none'} ({len(overlays)} test slides)", soft_wrap=True)
     run.metrics({"stage": "mkd", **overall})
+    from trainers.export_annotations import export_annotations
+
+    exported = export_annotations(mkd_dir / "eval-test")
+    console.print(f"  QuPath GeoJSON (flagged regions + every tile's score, level-0 px): "
+                  f"{next(iter(exported.values())).parent} ({len(exported)} slides); the store itself is OME-NGFF "
+                  f"0.5 (napari-ome-zarr, vizarr and QuPath open {bench_config.data.store}/slides/<id>)", soft_wrap=True)
 
     run.log("demo finished")
     run.close()

@@ -70,6 +70,8 @@ def test_demo_writes_a_run_directory(tmp_path, sample_data):
     assert 0 <= stages[-1]["image_auroc"] <= 1 and (run / "mkd" / "feature_stats.pt").is_file()
     overlays = list((run / "mkd" / "eval-test" / "heatmaps").glob("*.png"))
     assert len(overlays) == 8  # every test slide of the benchmark: the normal mosaic and 7 anomaly groups
+    exported = list((run / "mkd" / "eval-test" / "annotations").glob("*.geojson"))
+    assert len(exported) == 8 and all(json.loads(p.read_text())["features"] for p in exported)
 
 
 def test_resume_with_a_corrupt_config_and_submit_of_a_bad_config_fail_in_one_message(tmp_path):
