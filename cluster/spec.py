@@ -41,6 +41,7 @@ class JobSpec(StrictConfig):
     namespace: str = "default"                        # Kubernetes namespace
     shared_volume: str | None = None                  # Kubernetes PVC mounted at workdir (run dirs must be shared)
     ray_address: str | None = None                    # Ray backend: the cluster's dashboard address (http://host:8265)
+    array: int | None = Field(None, ge=1)             # Slurm job array of this many tasks (e.g. synthesize shares)
 
     @field_validator("name")
     @classmethod
@@ -62,6 +63,13 @@ class JobSpec(StrictConfig):
         if value is not None and not re.fullmatch(r"\d+[KMGT]?", value):
             raise ValueError(f"mem_per_task {value!r}: expected a size such as 16G or 512M")
         return value
+
+    @model_validator(mode="after")
+    def _array_of_plain_commands(self):
+        if self.array is not None and (self.kind != "plain" or self.nodes > 1):
+            raise ValueError(f"array: a job array runs one task per share of a command such as synthesize; "
+                             f"'{self.command[0]}' on {self.nodes} node(s) spreads with --nodes/--tasks-per-node instead")
+        return self
 
     @model_validator(mode="after")
     def _no_secrets_in_files(self):

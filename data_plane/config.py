@@ -112,9 +112,13 @@ class StreamConfig(StrictConfig):
     eval_crop: Literal["none", "center"] = "none"     # at eval/validation: whole tiles, or their centre crop_size
                                                       # crop (DPA's Camelyon16 protocol)
     seed: int = 0                                     # shuffling seed; epoch e uses (seed, e)
+    synthetic: list[str] = []                         # synthetic sets (`tessera synthesize --name`) to mix in
+    synthetic_share: float = Field(0.0, ge=0, le=1)   # their share of the stream's tiles (1 = synthetic only)
 
     @model_validator(mode="after")
     def _crop_needs_size(self):
+        if self.synthetic_share > 0 and not self.synthetic:
+            raise ValueError("synthetic_share > 0 needs data.stream.synthetic: the names of synthetic sets")
         if self.crop != "none" and self.crop_size is None:
             raise ValueError(f"crop={self.crop!r} needs crop_size")
         if self.eval_crop != "none" and self.crop_size is None:

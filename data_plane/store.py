@@ -11,6 +11,8 @@ Layout (see ../shared/DESIGN.md; NGFF metadata in data_plane/ngff.py)::
           labels/tissue         NGFF label pyramid (uint8), attrs["tessera"]["downsample"] at its level 0
           labels/<annotation>   NGFF label pyramids rasterised from ASAP XML / GeoJSON regions
           heatmaps/<run>        float32 score image (y, x) written by evaluation, in the slide's µm space
+      synthetic/<name>/         tiles written by `tessera synthesize`: a mosaic image, one chunk per tile
+                                (data_plane/synthetic.py); its rows join tiles.parquet when complete
       volumes/                  group of volumes
         <volume_id>/            NGFF image (z, y, x) float32 in mm, RAS (see data_plane/volumes.py)
           0                     the voxels; labels/mask the optional voxel mask; scores/<run> score images
@@ -165,10 +167,14 @@ def rebuild_tile_index(store: str | Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from data_plane.synthetic import KIND, complete_sets
+
     root = store_path(store)
     tables = [pq.read_table(own(root, "index", f"{sid}.parquet")) for sid in slide_ids(root)
               if own(root, "index", f"{sid}.parquet").is_file()]
-    table = pa.concat_tables(tables) if tables else pa.table({})
+    tables += [pq.read_table(own(root, KIND, f"{name}.parquet")) for name in complete_sets(root)]
+    # Synthetic rows carry extra columns (kind, seed, psi, run, snapshot): null for slides' rows.
+    table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     atomic_write_parquet(table, own(root, "tiles.parquet"))
     return table.num_rows
 

@@ -30,7 +30,29 @@ TARGETS = {"normal": 0, "anomalous": 1, "uncertain": -1}
 
 
 def select_tiles(tiles, config: StreamConfig):
-    """Rows of the tile index that pass the stream's filters (order kept)."""
+    """Rows of the tile index that pass the stream's filters (order kept), then the configured share of
+    synthetic tiles: ``synthetic_share`` of the result comes from the sets named in ``synthetic`` (a
+    seeded choice among their tiles, or all of them with share 1). Synthetic rows are never selected
+    otherwise."""
+    import pandas as pd
+
+    synthetic = tiles["kind"].fillna("") == "synthetic" if "kind" in tiles else pd.Series(False, index=tiles.index)
+    real = _filter(tiles[~synthetic], config)
+    if config.synthetic_share <= 0:
+        return real
+    pool = tiles[synthetic & tiles["slide_id"].isin(config.synthetic)]
+    missing = sorted(set(config.synthetic) - set(pool["slide_id"]))
+    if missing:
+        raise ValueError(f"synthetic set(s) {', '.join(missing)} are not complete sets of this store "
+                         f"(`tessera synthesize RUN --store STORE --name NAME` makes one)")
+    share = config.synthetic_share
+    wanted = len(pool) if share >= 1 else min(len(pool), round(share / (1 - share) * len(real)))
+    chosen = np.sort(np.random.default_rng(config.seed).choice(len(pool), size=wanted, replace=False))
+    picked = pool.iloc[chosen]
+    return (picked if share >= 1 else pd.concat([real, picked])).reset_index(drop=True)
+
+
+def _filter(tiles, config: StreamConfig):
     keep = tiles["split"].isin(config.splits) & (tiles["tissue_fraction"] >= config.min_tissue_fraction)
     if config.labels is not None:
         keep &= tiles["label"].isin(config.labels)
@@ -62,8 +84,10 @@ class _SlideReaders:
         if key not in self.levels:
             import zarr
 
-            self.levels[key] = LevelReader(zarr.open_array(str(self.root / "slides" / slide_id / str(level)),
-                                                           mode="r"))
+            folder = self.root / "slides" / slide_id
+            if not folder.is_dir():
+                folder = self.root / "synthetic" / slide_id  # a synthetic set reads like a slide's level 0
+            self.levels[key] = LevelReader(zarr.open_array(str(folder / str(level)), mode="r"))
         return self.levels[key]
 
     def anomaly_mask(self, slide_id: str) -> tuple[np.ndarray, int] | None:
@@ -109,7 +133,10 @@ def slide_annotations(root: Path, slide_id: str) -> list[str]:
     """The slide's annotation label names (its labels other than the tissue mask)."""
     import json
 
-    attrs = json.loads((root / "slides" / slide_id / "zarr.json").read_text()).get("attributes", {})
+    path = root / "slides" / slide_id / "zarr.json"
+    if not path.is_file():
+        return []  # a synthetic set: no annotations
+    attrs = json.loads(path.read_text()).get("attributes", {})
     return list(attrs.get("tessera", {}).get("annotations", []))
 
 

@@ -388,6 +388,68 @@ def score(model: Path = typer.Argument(..., help="A run directory or a `tessera 
         _fail(str(exc))
 
 
+@app.command()
+def synthesize(run_dir: Path = typer.Argument(..., help="A finished generator run (stylegan2, stylegan2_encoder)."),
+               count: int = typer.Option(..., min=1, help="Tiles to make: tile i from seed SEED0 + i."),
+               store: str = typer.Option(..., help="Store to write into (created if missing)."),
+               name: Optional[str] = typer.Option(None, help="Name of the synthetic set; default the run's name."),
+               seed0: int = typer.Option(0, help="Seed of tile 0."),
+               truncation: Optional[float] = typer.Option(None, help="ψ; default the run's truncation_psi."),
+               batch: Optional[int] = typer.Option(None, min=1, help="Tiles per generator pass (the set's block; "
+                                                                    "default 1 on CPU, 32 on GPU)."),
+               split: str = typer.Option("train", help="Split recorded in the tiles' index rows."),
+               noise: str = typer.Option("const", help="const (learned noise maps) or none."),
+               nproc: int = typer.Option(1, min=1, help="Local processes (torchrun), each making its share."),
+               resume: bool = typer.Option(False, help="Complete an existing set (tiles already written are kept)."),
+               rank: Optional[int] = typer.Option(None, min=0, help="This process's share, when a scheduler "
+                                                             "starts the ranks (default from torchrun/Slurm)."),
+               world: Optional[int] = typer.Option(None, min=1, help="Number of shares (with --rank).")) -> None:
+    """Generate tiles into a store's synthetic set: deterministic by seed, sharded by rank, resumable; the set
+    streams like ingested tiles (data.stream.synthetic) once complete."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    from data_plane.synthetic import SyntheticError, SyntheticSet
+    from trainers.synthesize import default_batch, load_generator, set_spec, synthesize as run_synthesize
+
+    import torch
+
+    try:
+        if nproc > 1:
+            # The parent creates and locks the set for the job; its torchrun ranks share the job's id.
+            os.environ["TESSERA_JOB_ID"] = os.environ.get("TESSERA_JOB_ID") or f"synthesize-{uuid.uuid4().hex[:12]}"
+            os.environ["TESSERA_JOB_PID"] = str(os.getpid())
+            method, saved = load_generator(run_dir)
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            batch = batch or default_batch(device)
+            spec = set_spec(run_dir, method, saved, count, seed0, truncation, batch, split, noise)
+            with _WritingTo(store):
+                synthetic = SyntheticSet.open(store, name or run_dir.name, spec, resume=resume)
+                synthetic.lock()
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       "-m", "trainers.synthesize", str(run_dir), "--store", str(store), "--count", str(count),
+                       "--name", synthetic.name, "--seed0", str(seed0), "--batch", str(batch), "--split", split,
+                       "--noise", noise, "--resume"] + (["--truncation", str(truncation)] if truncation is not None else [])
+            code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                                  ).returncode
+            if code:
+                _fail(f"synthesis failed (exit {code}); rerun with --resume to complete the set", code=code)
+            if not SyntheticSet(store, synthetic.name).complete():
+                _fail("the ranks finished but the set is not complete; rerun with --resume", code=1)
+            synthetic.unlock()
+        else:
+            with _WritingTo(store):
+                result = run_synthesize(run_dir, store, count, name, seed0, truncation, batch, split, noise, resume,
+                                        rank, world, log=lambda line: typer.echo(line))
+            if not result["complete"]:
+                typer.echo(f"rank {result['rank']}/{result['world']} done; the set completes when every rank has "
+                           f"written its share")
+    except (SyntheticError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
 @app.command("export-annotations")
 def export_annotations_command(
         folder: Path = typer.Argument(..., help="An evaluation folder (RUN_DIR/eval-<split>) or a run directory."),
@@ -598,6 +660,8 @@ def submit(command: list[str] = typer.Argument(..., help="The tessera command to
            namespace: str = typer.Option("default", help="Kubernetes namespace."),
            shared_volume: Optional[str] = typer.Option(None, help="Kubernetes PVC mounted at --workdir."),
            ray_address: Optional[str] = typer.Option(None, help="Ray dashboard address for --backend ray."),
+           array: Optional[int] = typer.Option(None, min=1, help="Slurm job array of N tasks, each running the "
+                                                                  "command as its share (synthesize)."),
            dry_run: bool = typer.Option(False, help="Print the script or manifest; submit nothing.")) -> None:
     """Run a tessera command as a job on this machine, Slurm, a Ray cluster or Kubernetes."""
     import sys
@@ -623,8 +687,11 @@ def submit(command: list[str] = typer.Argument(..., help="The tessera command to
                        time=time_limit, partition=partition, account=account, qos=qos, image=image, env=variables,
                        pass_env=pass_env or [], workdir=workdir, log_dir=log_dir,
                        python=python or ("python" if backend == "kubernetes" else sys.executable),
-                       namespace=namespace, shared_volume=shared_volume, ray_address=ray_address)
+                       namespace=namespace, shared_volume=shared_volume, ray_address=ray_address, array=array)
         chosen = get_backend(backend)
+        if array and backend != "slurm":
+            raise BackendError(f"--array: job arrays are a Slurm feature; with --backend {backend} run the shares "
+                               f"as one job (synthesize --nproc N) instead")
         if dry_run:
             typer.echo(chosen.render(spec), nl=False)
             return

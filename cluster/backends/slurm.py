@@ -51,7 +51,7 @@ class SlurmBackend(Backend):
             spec=spec, q=shlex.quote, kind=spec.kind, tessera=tessera, container=container,
             command_text=shlex.join(spec.command).replace("\n", " "), cpus_per_node=spec.cpus_per_task * ranks,
             mem_per_node=mem, workdir=str(spec.workdir.resolve()),
-            log=log or str(spec.log_dir.resolve() / f"{spec.name}-%j.out"))
+            log=log or str(spec.log_dir.resolve() / (f"{spec.name}-%A_%a.out" if spec.array else f"{spec.name}-%j.out")))
 
     def check_partition(self, spec: JobSpec) -> None:
         if spec.partition is None:
@@ -71,16 +71,28 @@ class SlurmBackend(Backend):
         script = log_dir / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
         script.write_text(self.render(spec))
         job_id = _run(["sbatch", "--parsable", str(script)], "submitting").strip().split(";")[0]
+        if spec.array:  # one log per task: name-<job>_<task>.out, read together by logs()
+            return {"backend_id": job_id, "script": str(script), "array": spec.array,
+                    "log": str(log_dir / f"{spec.name}-{job_id}_0.out")}
         return {"backend_id": job_id, "script": str(script), "log": str(log_dir / f"{spec.name}-{job_id}.out")}
 
     def status(self, record: dict) -> str:
         done = subprocess.run(["scontrol", "show", "job", "-o", record["backend_id"]], capture_output=True,
                               text=True, timeout=60)
-        match = re.search(r"JobState=(\S+)", done.stdout)
-        return match.group(1) if match else "UNKNOWN"  # purged from slurmctld's memory after MinJobAge
+        states = re.findall(r"JobState=(\S+)", done.stdout)  # an array job: one line per task
+        if not states:
+            return "UNKNOWN"  # purged from slurmctld's memory after MinJobAge
+        for waiting in ("RUNNING", "COMPLETING", "CONFIGURING", "PENDING"):
+            if waiting in states:
+                return waiting
+        return next((state for state in states if state != "COMPLETED"), "COMPLETED")
 
     def logs(self, record: dict) -> str:
         log = Path(record["log"])
+        if record.get("array"):  # every task's log, in task order
+            prefix = log.name.rsplit("_", 1)[0]
+            parts = sorted(log.parent.glob(f"{prefix}_*.out"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+            return "".join(f"== task {p.stem.rsplit('_', 1)[1]} ==\n{p.read_text(errors='replace')}" for p in parts)
         return log.read_text(errors="replace") if log.is_file() else ""
 
     def cancel(self, record: dict) -> None:

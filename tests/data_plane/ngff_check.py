@@ -3,7 +3,7 @@ ome-zarr-models and ome-zarr-py read the store exactly as a user's viewer stack 
 
     .venv-ngff/bin/python tests/data_plane/ngff_check.py STORE  ->  one JSON object on stdout
 
-For every image group under slides/ and volumes/ (and each one's labels, heatmaps and score images):
+For every image group under slides/, volumes/ and synthetic/ (and each one's labels, heatmaps and score images):
 the ome-zarr-models class it validates as (or the validation error), and what ome-zarr-py's Reader
 finds there: axes, per-level scales and translations, label names. Also whether walking the store's
 groups makes zarr warn about objects it does not recognise.
@@ -58,12 +58,12 @@ def main(store: str) -> None:
         warnings.simplefilter("always")
         top = zarr.open_group(str(root), mode="r")
         names = sorted(name for name, _ in top.members())
-        for kind in ("slides", "volumes"):
+        for kind in ("slides", "volumes", "synthetic"):
             if kind in names:
                 list(top[kind].members(max_depth=None))
     report["root_members"] = names
     report["warnings"] = [str(w.message) for w in caught if "not recognized" in str(w.message)]
-    for kind in ("slides", "volumes"):
+    for kind in ("slides", "volumes", "synthetic"):
         folder = root / kind
         for item in sorted(p for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []:
             group = zarr.open_group(str(item), mode="r")
