@@ -36,7 +36,8 @@ def select_tiles(tiles, config: StreamConfig):
     otherwise."""
     import pandas as pd
 
-    synthetic = tiles["kind"].fillna("") == "synthetic" if "kind" in tiles else pd.Series(False, index=tiles.index)
+    # Rows of synthetic sets (kind "synthetic", or "reconstruction" from synthesize --project) are not tissue.
+    synthetic = tiles["kind"].fillna("") != "" if "kind" in tiles else pd.Series(False, index=tiles.index)
     real = _filter(tiles[~synthetic], config)
     if config.synthetic_share <= 0:
         return real

@@ -74,9 +74,10 @@ class SyntheticSet:
     # ------------------------------------------------------------------------------ creation and checks
 
     @classmethod
-    def open(cls, store, name: str, spec: dict, resume: bool) -> "SyntheticSet":
-        """``spec``: count, tile, seed0, psi, noise, batch, run, snapshot, split. A new set is created; an
-        existing one is continued with ``resume`` when its spec matches, else refused with the reason."""
+    def open(cls, store, name: str, spec: dict, resume: bool, source=None) -> "SyntheticSet":
+        """``spec``: count, tile, seed0, psi, noise, batch, run, snapshot, split (generated tiles), or mode
+        "project" with ``source`` the real tiles' index rows (tile i reconstructs source row i). A new set
+        is created; an existing one is continued with ``resume`` when its spec matches, else refused."""
         import zarr
         from zarr.codecs import BloscCodec, BloscShuffle
 
@@ -114,6 +115,12 @@ class SyntheticSet:
         group.attrs.update({"ome": slide_ome(name, 1, None),
                             "tessera": {**spec, "kind": KIND, "columns": columns, "complete": False,
                                         "created_by": job_identity()["job"]}})
+        if source is not None:
+            books = own(root, KIND, name)
+            books.mkdir(parents=True, exist_ok=True)
+            import pyarrow as pa
+
+            atomic_write_parquet(pa.Table.from_pandas(source, preserve_index=False), books / "source.parquet")
         try:
             partial.rename(path)  # the set appears whole (metadata and empty array) or not at all
         except OSError:  # another rank of this job created it first
@@ -173,8 +180,15 @@ class SyntheticSet:
         data = self._encoder.encode(np.ascontiguousarray(pixels, np.uint8))
         atomic_write(path, lambda partial: partial.write_bytes(data))
 
-    def record(self, rank: int, indices: list[int]) -> None:
-        """Mark tiles whose chunks are on disk; after :meth:`write`, never before."""
+    def record(self, rank: int, indices: list[int], values: list[float] | None = None) -> None:
+        """Mark tiles whose chunks are on disk; after :meth:`write`, never before. ``values``: a number per
+        tile kept with it (a projection's distance), written before the mark."""
+        if values is not None:
+            folder = self.books / "values"
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / f"{rank}-{indices[0]}.npy",
+                         lambda p: np.save(open(p, "wb"), np.stack([np.asarray(indices, np.float64),
+                                                                   np.asarray(values, np.float64)])))
         folder = self.books / "done"
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / f"{rank}-{indices[0]}.npy", lambda p: np.save(open(p, "wb"), np.asarray(indices, np.int64)))
@@ -187,13 +201,22 @@ class SyntheticSet:
         folder = self.books / "done"
         for path in folder.glob("*.npy") if folder.is_dir() else []:
             try:
-                flags[np.load(path)] = True
+                flags[np.load(path).astype(np.int64)] = True
             except (ValueError, OSError):
                 continue  # a record cut short by a kill: its tiles are redone
         for index in np.flatnonzero(flags):
             if not self._chunk_path(int(index)).is_file():
                 flags[index] = False
         return flags
+
+    def values(self) -> np.ndarray:
+        """The number kept with each tile (NaN where none)."""
+        out = np.full(int(self.spec["count"]), np.nan)
+        folder = self.books / "values"
+        for path in folder.glob("*.npy") if folder.is_dir() else []:
+            indices, values = np.load(path)
+            out[indices.astype(np.int64)] = values
+        return out
 
     def read(self, index: int) -> np.ndarray:
         from data_plane.store import LevelReader
@@ -209,6 +232,30 @@ class SyntheticSet:
         count, tile = int(self.spec["count"]), self.tile
         index = np.arange(count)
         n = count
+        if self.spec.get("mode") == "project":
+            import pyarrow.parquet as pq
+
+            source = pq.read_table(self.books / "source.parquet").to_pandas()
+            return pa.table({
+                "slide_id": pa.array([self.name] * n, pa.string()),
+                "level": pa.array(np.zeros(n), pa.int8()),
+                "y": pa.array((index // self.columns) * tile, pa.int64()),
+                "x": pa.array((index % self.columns) * tile, pa.int64()),
+                "size": pa.array(np.full(n, tile), pa.int32()),
+                "out_size": pa.array(np.full(n, tile), pa.int32()),
+                "tissue_fraction": pa.array(source["tissue_fraction"].to_numpy(np.float32)),
+                "annotation_fraction": pa.array(source["annotation_fraction"].to_numpy(np.float32)),
+                "label": pa.array(source["label"].tolist(), pa.string()),
+                "split": pa.array(source["split"].tolist(), pa.string()),
+                "group": pa.array(source["group"].tolist(), pa.string()),
+                "kind": pa.array(["reconstruction"] * n, pa.string()),
+                "source_slide_id": pa.array(source["slide_id"].tolist(), pa.string()),
+                "source_y": pa.array(source["y"].to_numpy(np.int64)),
+                "source_x": pa.array(source["x"].to_numpy(np.int64)),
+                "distance": pa.array(self.values().astype(np.float32)),
+                "run": pa.array([self.spec["run"]] * n, pa.string()),
+                "snapshot": pa.array([self.spec["snapshot"]] * n, pa.string()),
+            })
         seeds = int(self.spec["seed0"]) + index
         return pa.table({
             "slide_id": pa.array([self.name] * n, pa.string()),
@@ -229,20 +276,60 @@ class SyntheticSet:
             "snapshot": pa.array([self.spec["snapshot"]] * n, pa.string()),
         })
 
-    def complete(self) -> bool:
-        """When every tile is on disk: write the set's index rows, mark it complete and rebuild the store's
-        tile index (idempotent: ranks finishing together all do it, with the same result)."""
-        from data_plane.store import rebuild_tile_index
+    def _heatmaps(self, rows) -> None:
+        _heatmaps_of(self.root, self.name, rows)
 
+    def complete(self) -> bool:
+        """When every tile is on disk: write the set's index rows (and a projection's heatmaps), mark it
+        complete and rebuild the store's tile index; returns whether the set is complete. Idempotent."""
         if self.spec.get("complete"):
             return True
         if not self.done().all():
             return False
-        atomic_write_parquet(self.rows(), own(self.root, KIND, f"{self.name}.parquet"))
+        # One rank completes; another that found every tile at the same moment leaves it to that one.
+        marker = self.books / "completing"
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = marker.read_text().strip()
+            if holder and _alive({"host": socket.gethostname(), "pid": holder}):
+                return False
+            marker.unlink(missing_ok=True)  # left by a completer that died: take over
+            return self.complete()
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            self._finish()
+        finally:
+            marker.unlink(missing_ok=True)
+        return True
+
+    def _finish(self) -> None:
+        from data_plane.store import rebuild_tile_index
+
+        rows = self.rows()
+        if self.spec.get("mode") == "project":
+            self._heatmaps(rows.to_pandas())
+        atomic_write_parquet(rows, own(self.root, KIND, f"{self.name}.parquet"))
         self.group.attrs["tessera"] = {**self.spec, "complete": True}
         self.spec["complete"] = True
         rebuild_tile_index(self.root)
-        return True
+
+
+def _heatmaps_of(store, name: str, rows) -> list[str]:
+    """Per source slide, the projection distances stitched into ``heatmaps/<name>`` (eval's heatmaps)."""
+    from data_plane.heatmap import write_heatmap
+    from data_plane.store import read_tile_index
+
+    index = read_tile_index(store)
+    written = []
+    for slide, part in rows.groupby("source_slide_id"):
+        first = index[(index["slide_id"] == slide)].iloc[0]
+        footprint = float(first["size"] * 2 ** int(first["level"]))
+        write_heatmap(store, slide, name, part[["source_y", "source_x"]].to_numpy(), footprint,
+                      scores=part["distance"].to_numpy(float))
+        written.append(slide)
+    return written
 
 
 def complete_sets(store) -> list[str]:

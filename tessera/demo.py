@@ -5,8 +5,9 @@ Stages so far: fetch the sample data and report what it is; ingest the sample sl
 benchmark with known anomalies from the sample slide, train the reference method on its normal
 tiles and evaluate it (metrics, curves, heatmaps, index.html); train Foreign Patch Interpolation on a
 small brain benchmark and write its score volumes; train multiresolution knowledge distillation
-(pretrained EfficientNet-Lite0 source) on the slide benchmark and draw its heatmap overlays. Each stage logs to the demo's run
-directory, so a failed demo leaves a record of how far it got.
+(pretrained EfficientNet-Lite0 source) on the slide benchmark, draw its heatmap overlays and export
+them as QuPath GeoJSON; train a small StyleGAN2 and synthesise a grid of tiles into the store. Each
+stage logs to the demo's run directory, so a failed demo leaves a record of how far it got.
 """
 
 from __future__ import annotations
@@ -56,6 +57,20 @@ def train_and_evaluate(config, name: str, path: Path) -> tuple[Path, dict, list[
     train_run(run_dir, resume=False)
     overall = evaluate(run_dir, split="test")["overall"]
     return run_dir, overall, sorted((run_dir / "eval-test" / "heatmaps").glob("*.png"))
+
+
+def _synthetic_grid(store, name: str, out: Path) -> Path:
+    """The synthetic set's mosaic (one tile per cell) as a PNG, enlarged for looking at."""
+    import numpy as np
+    import zarr
+    from PIL import Image
+
+    from data_plane.store import store_path
+
+    mosaic = zarr.open_array(str(store_path(store) / "synthetic" / name / "0"), mode="r")[:]
+    image = Image.fromarray(np.ascontiguousarray(mosaic.transpose(1, 2, 0)))
+    image.resize((image.width * 3, image.height * 3), Image.NEAREST).save(out)
+    return out
 
 
 def run_demo(config, console: Console | None = None) -> Path:
@@ -182,6 +197,26 @@ def run_demo(config, console: Console | None = None) -> Path:
     console.print(f"  QuPath GeoJSON (flagged regions + every tile's score, level-0 px): "
                   f"{next(iter(exported.values())).parent} ({len(exported)} slides); the store itself is OME-NGFF "
                   f"0.5 (napari-ome-zarr, vizarr and QuPath open {bench_config.data.store}/slides/<id>)", soft_wrap=True)
+
+    console.rule("9. StyleGAN2, then `tessera synthesize` into the store")
+    gan_tree = bench_config.model_dump(mode="json")
+    gan_tree["method"] = {"name": "stylegan2", "options": {
+        "resolution": 32, "channel_base": 512, "channel_max": 64, "z_dim": 64, "w_dim": 64, "mapping_layers": 2,
+        "r1_gamma": 0.05, "metrics": False}}
+    gan_tree["data"]["stream"].update({"crop": "random", "crop_size": 32, "augment": "flips", "min_tissue_fraction": 0.5})
+    gan_tree["train"].update({"steps": 150, "micro_batch": 8, "lr": 0.0025, "betas": [0.0, 0.99], "clip_grad": None,
+                              "precision": "fp32", "ema_kimg": 0.5, "log_every": 50, "checkpoint_every": 150})
+    gan_dir = create_run_dir(RunConfig.model_validate(gan_tree), "stylegan2", path=run.path / "stylegan2").path
+    train_run(gan_dir, resume=False)
+    from trainers.synthesize import synthesize
+
+    made = synthesize(gan_dir, bench_config.data.store, 64, name="demo-stylegan2", log=lambda line: None)
+    grid = _synthetic_grid(bench_config.data.store, "demo-stylegan2", gan_dir / "synthetic-grid.png")
+    console.print(f"  StyleGAN2 at 32² (150 steps: colour and texture blobs, not yet tissue; configs/stylegan2_cpu.yaml "
+                  f"is the 64² CPU recipe): 64 tiles from seeds 0-63 into the store's synthetic set 'demo-stylegan2' "
+                  f"({64 / made['seconds']:.0f} tiles/s), grid {grid}; mix into training with "
+                  f"data.stream.synthetic=[demo-stylegan2]", soft_wrap=True)
+    run.metrics({"stage": "synthesize", "tiles": 64, "complete": made["complete"]})
 
     run.log("demo finished")
     run.close()

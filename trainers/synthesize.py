@@ -25,6 +25,9 @@ import numpy as np
 import torch
 
 
+RECORD_EVERY = 64  # tiles per done-record: a kill loses at most this many tiles' records (they are remade)
+
+
 def rank_and_world() -> tuple[int, int]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -106,6 +109,7 @@ def synthesize(run_dir: str | Path, store: str | Path, count: int, name: str | N
     made = 0
     seconds = {"generate": 0.0, "write": 0.0}
     started = last_report = time.time()
+    pending: list[int] = []  # written, not yet recorded: one record per ≥ RECORD_EVERY tiles, not per tile
     for block in blocks:
         indices = np.arange(block * batch, min((block + 1) * batch, count))
         missing = indices[~done[indices]]
@@ -119,17 +123,25 @@ def synthesize(run_dir: str | Path, store: str | Path, count: int, name: str | N
         tock = time.perf_counter()
         for index in missing:
             synthetic.write(int(index), pixels[index - indices[0]])
-        synthetic.record(rank, missing.tolist())
-        synthetic.heartbeat()
+        pending += missing.tolist()
+        if len(pending) >= RECORD_EVERY or block == blocks[-1]:
+            synthetic.record(rank, pending)
+            synthetic.heartbeat()
+            pending = []
         seconds["generate"] += tock - tick
         seconds["write"] += time.perf_counter() - tock
         made += len(missing)
+        if pending and time.time() - last_report > 30:
+            synthetic.record(rank, pending)
+            pending = []
         if time.time() - last_report > 30 or made == todo:
             rate = made / max(time.time() - started, 1e-9)
             log(f"  rank {rank}: {made}/{todo} tiles, {rate:.1f} tiles/s, "
                 f"writing {seconds['write'] / max(sum(seconds.values()), 1e-9):.0%} of the time, "
                 f"eta {(todo - made) / max(rate, 1e-9):.0f} s")
             last_report = time.time()
+    if pending:
+        synthetic.record(rank, pending)
     complete = synthetic.complete()
     if complete:
         synthetic.unlock()
@@ -140,12 +152,100 @@ def synthesize(run_dir: str | Path, store: str | Path, count: int, name: str | N
             "seconds": time.time() - started}
 
 
+def project_spec(run_dir: Path, method, split: str, count: int, batch: int, options: dict) -> dict:
+    return {"mode": "project", "count": int(count), "tile": int(method.config.resolution), "split": split,
+            "batch": int(batch), "options": options, "run": str(Path(run_dir).resolve()),
+            "snapshot": snapshot_id(Path(run_dir)), "psi": 1.0}
+
+
+def projection_source(run_dir: Path, store, split: str, resolution: int):
+    """The real tiles a projection inverts: the split's tiles through the run's stream filters, as eval
+    selects them, centre-cropped to the generator's resolution when the run trained on crops of it."""
+    from data_plane.store import read_tile_index
+    from data_plane.stream import select_tiles
+    from tessera.config import load_config
+
+    config = load_config(run_dir / "config.yaml")
+    stream = config.data.stream
+    crop = stream.eval_crop if stream.eval_crop != "none" else ("center" if stream.crop_size == resolution else "none")
+    stream_config = stream.model_copy(update={"splits": [split], "labels": None, "groups": None, "ids": None,
+                                              "crop": crop, "augment": "none", "max_tiles_per_slide": None,
+                                              "synthetic": [], "synthetic_share": 0.0})
+    rows = select_tiles(read_tile_index(store), stream_config).reset_index(drop=True)
+    if len(rows) == 0:
+        raise ValueError(f"no tile of split '{split}' in store '{store}' passes the run's stream filters")
+    size = resolution if crop != "none" else int(rows["out_size"].iloc[0])
+    if size != resolution:
+        raise ValueError(f"the store's tiles are {size} px and the generator makes {resolution} px: ingest at "
+                         f"{resolution} px (data.tiles.size) or train with data.stream.crop_size={resolution}")
+    return rows, stream_config, config.data.stain
+
+
+def project(run_dir: str | Path, store: str | Path, split: str = "test", name: str | None = None,
+            batch: int | None = None, options: dict | None = None, resume: bool = False, rank: int | None = None,
+            world: int | None = None, device: torch.device | None = None, log=print) -> dict:
+    """Invert the split's real tiles (StyleGAN2's projector, or the encoder with its refinement) in this
+    rank's blocks; the reconstructions go into the set ``name``, each with its distance, and the set's
+    completion stitches the distances into slide heatmaps ``heatmaps/<name>``."""
+    from data_plane.stream import TileStream
+    from data_plane.synthetic import SyntheticSet
+    from trainers.evaluate import load_method
+
+    run_dir = Path(run_dir)
+    if rank is None or world is None:
+        rank, world = rank_and_world()
+    device = device or (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+    method, _ = load_method(run_dir, options)
+    if not hasattr(method, "inverted"):
+        raise ValueError(f"run '{run_dir}' trained '{method.method_name}', which cannot invert tiles: --project "
+                         f"needs a stylegan2 or stylegan2_encoder run")
+    method.to(device)
+    batch = batch or default_batch(device)
+    rows, stream_config, stain = projection_source(run_dir, store, split, method.config.resolution)
+    name = name or f"{run_dir.name}-project-{split}"
+    spec = project_spec(run_dir, method, split, len(rows), batch, options or {})
+    synthetic = SyntheticSet.open(store, name, spec, resume=resume, source=rows)
+    synthetic.lock()
+    done = synthetic.done()
+    blocks = [b for b in range(math.ceil(len(rows) / batch)) if b % world == rank]
+    log(f"project '{name}' rank {rank}/{world}: {sum(int((~done[b * batch:(b + 1) * batch]).sum()) for b in blocks)} "
+        f"of {len(rows)} '{split}' tiles to invert, batch {batch}, {device}")
+    reader = TileStream(store, stream_config, stain=stain, shuffle=False)
+    made, started = 0, time.time()
+    for block in blocks:
+        indices = np.arange(block * batch, min((block + 1) * batch, len(rows)))
+        missing = indices[~done[indices]]
+        if len(missing) == 0:
+            continue
+        reader.tiles = rows.iloc[missing].reset_index(drop=True)
+        reader.__dict__.pop("_row_tuples", None)  # the stream caches its rows as tuples
+        images = torch.stack([item["image"] for item in reader]).to(device)
+        # The projector's starting noise and jitter come from the block's own seed: any rank, same result.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(block)
+            out = method.inverted(images)
+        pixels = (out["reconstruction"].detach() * 255 + 0.5).floor().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        for k, index in enumerate(missing):
+            synthetic.write(int(index), pixels[k])
+        synthetic.record(rank, missing.tolist(), out["distance"].detach().float().cpu().tolist())
+        synthetic.heartbeat()
+        made += len(missing)
+    complete = synthetic.complete()
+    if complete:
+        synthetic.unlock()
+        log(f"projection '{name}' complete: {len(rows)} reconstructions in {synthetic.path}, distances in the "
+            f"tile index and heatmaps/{name} of each slide")
+    return {"name": name, "rank": rank, "world": world, "made": made, "complete": complete,
+            "seconds": time.time() - started}
+
+
 def main() -> None:
     """Entry of each rank under torchrun / srun (``python -m trainers.synthesize``)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--store", required=True)
-    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--name")
     parser.add_argument("--seed0", type=int, default=0)
     parser.add_argument("--truncation", type=float)
@@ -153,8 +253,16 @@ def main() -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--noise", default="const")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--project", action="store_true")
+    parser.add_argument("--options", default="{}")
     args = parser.parse_args()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if args.project:
+        import json
+
+        project(args.run_dir, args.store, args.split, args.name, args.batch, json.loads(args.options), args.resume,
+                log=lambda line: print(line, flush=True))
+        return
     synthesize(args.run_dir, args.store, args.count, args.name, args.seed0, args.truncation, args.batch,
                args.split, args.noise, args.resume, log=lambda line: print(line, flush=True))
 

@@ -246,8 +246,11 @@ class StyleGAN2(Method):
 
         if self._distance is None:
             c = self.config
-            object.__setattr__(self, "_distance", PerceptualDistance(c.distance_net, c.distance_weights, c.distance_pixel,
-                                                                     size=max(c.resolution, 64)))
+            # Built on first use: its construction must not move the global RNG, or a seeded projection would
+            # differ between the first call in a process and the next ones.
+            with torch.random.fork_rng(devices=[]):
+                object.__setattr__(self, "_distance", PerceptualDistance(c.distance_net, c.distance_weights,
+                                                                         c.distance_pixel, size=max(c.resolution, 64)))
         return self._distance.to(self.pl_mean.device)
 
     @torch.no_grad()
@@ -260,13 +263,17 @@ class StyleGAN2(Method):
             torch.manual_seed(first_seed)
             return self.synthesize(z, psi=1.0, noise_mode="random")
 
-    def reconstruction(self, images: torch.Tensor) -> torch.Tensor:
-        """The projector's reconstruction (whatever ``score`` is set to)."""
+    def inverted(self, images: torch.Tensor) -> dict:
+        """The projector's w, reconstruction and distance for ``images`` in [0, 1] (whatever ``score`` is)."""
         from core.inversion import project
 
         with torch.enable_grad():
             return project(self.G, images.float(), self.distance(), steps=self.config.projector_steps,
-                           fused=self._fused())["reconstruction"]
+                           fused=self._fused())
+
+    def reconstruction(self, images: torch.Tensor) -> torch.Tensor:
+        """The projector's reconstruction (whatever ``score`` is set to)."""
+        return self.inverted(images)["reconstruction"]
 
     def score(self, batch: dict):
         """discriminator: −D(x) (one pass); projector: how far the projection of x into G's W space stays

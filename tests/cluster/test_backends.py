@@ -69,6 +69,20 @@ def _model(data: dict, kind: str):
     return ApiClient()._ApiClient__deserialize(data, kind)  # the client's own deserialiser, as for API replies
 
 
+def test_job_arrays_are_for_plain_commands_on_slurm(tmp_path):
+    with pytest.raises(ValueError, match="job array runs one task per share"):
+        JobSpec(command=["train", "configs/demo.yaml"], array=4)
+    script = get_backend("slurm").render(JobSpec(command=["synthesize", "runs/g", "--count", "100", "--store", "s"],
+                                                 array=4, log_dir=tmp_path))
+    assert "#SBATCH --array=0-3" in script and "-%A_%a.out" in script
+    from typer.testing import CliRunner
+
+    from tessera.cli import app
+
+    result = CliRunner().invoke(app, ["submit", "--backend", "local", "--array", "2", "--dry-run", "--", "doctor"])
+    assert result.exit_code == 2 and "job arrays are a Slurm feature" in result.output
+
+
 def test_every_backend_is_registered():
     assert backend_names() == ["kubernetes", "local", "ray", "slurm"]
 

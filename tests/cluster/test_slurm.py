@@ -63,6 +63,34 @@ def test_two_process_training_job_completes(slurm, sample_store, tmp_path):
     assert "#SBATCH --nodes=1" in Path(record["script"]).read_text()
 
 
+def test_synthesize_as_a_job_array_writes_each_tasks_share(slurm, sample_store, tmp_path):
+    import numpy as np
+    import zarr
+
+    from tests.trainers.test_synthesize import GENERATOR, environment
+
+    run = tmp_path / "g16"
+    train = subprocess.run([sys.executable, "-m", "tessera.cli", "train", "--run-dir", str(run),
+                            *[a for s in [f"data.store={sample_store}", *GENERATOR] for a in ("--set", s)]],
+                           cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    store = tmp_path / "synth.zarr"
+    record = submit(tmp_path, "--name", "synth", "--array", "2", "--cpus-per-task", "1", "--",
+                    "synthesize", str(run), "--count", "20", "--store", str(store), "--batch", "2")
+    assert "#SBATCH --array=0-1" in Path(record["script"]).read_text()
+    assert wait_for(record, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED", \
+        get_backend("slurm").logs(record)[-3000:]
+    log = get_backend("slurm").logs(record)
+    assert "== task 0 ==" in log and "== task 1 ==" in log
+    assert "rank 0/2" in log and "rank 1/2" in log and "complete: 20 tiles" in log
+    local = subprocess.run([sys.executable, "-m", "tessera.cli", "synthesize", str(run), "--count", "20", "--store",
+                            str(tmp_path / "local.zarr"), "--batch", "2"], cwd=ROOT, env=environment(),
+                           capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-2000:]
+    read = lambda s: zarr.open_array(str(s / "synthetic" / "g16" / "0"), mode="r")[:]
+    np.testing.assert_array_equal(read(store), read(tmp_path / "local.zarr"))
+
+
 def test_cancelled_job_ends_cancelled(slurm, sample_store, tmp_path):
     sets = [f"data.store={sample_store}", "train.steps=100000", "train.num_workers=0", "train.micro_batch=2",
             "data.stream.crop=random", "data.stream.crop_size=32"]
