@@ -227,22 +227,26 @@ class SyntheticSet:
     # ------------------------------------------------------------------------------ completion
 
     def rows(self):
+        """The set's rows of the tile index: where each tile sits in the mosaic, then what it is (a seed's
+        generated tile, or the reconstruction of a source tile with its distance)."""
         import pyarrow as pa
 
         count, tile = int(self.spec["count"]), self.tile
         index = np.arange(count)
         n = count
+        columns = {
+            "slide_id": pa.array([self.name] * n, pa.string()),
+            "level": pa.array(np.zeros(n), pa.int8()),
+            "y": pa.array((index // self.columns) * tile, pa.int64()),
+            "x": pa.array((index % self.columns) * tile, pa.int64()),
+            "size": pa.array(np.full(n, tile), pa.int32()),
+            "out_size": pa.array(np.full(n, tile), pa.int32()),
+        }
         if self.spec.get("mode") == "project":
             import pyarrow.parquet as pq
 
             source = pq.read_table(self.books / "source.parquet").to_pandas()
-            return pa.table({
-                "slide_id": pa.array([self.name] * n, pa.string()),
-                "level": pa.array(np.zeros(n), pa.int8()),
-                "y": pa.array((index // self.columns) * tile, pa.int64()),
-                "x": pa.array((index % self.columns) * tile, pa.int64()),
-                "size": pa.array(np.full(n, tile), pa.int32()),
-                "out_size": pa.array(np.full(n, tile), pa.int32()),
+            columns.update({
                 "tissue_fraction": pa.array(source["tissue_fraction"].to_numpy(np.float32)),
                 "annotation_fraction": pa.array(source["annotation_fraction"].to_numpy(np.float32)),
                 "label": pa.array(source["label"].tolist(), pa.string()),
@@ -253,28 +257,21 @@ class SyntheticSet:
                 "source_y": pa.array(source["y"].to_numpy(np.int64)),
                 "source_x": pa.array(source["x"].to_numpy(np.int64)),
                 "distance": pa.array(self.values().astype(np.float32)),
-                "run": pa.array([self.spec["run"]] * n, pa.string()),
-                "snapshot": pa.array([self.spec["snapshot"]] * n, pa.string()),
             })
-        seeds = int(self.spec["seed0"]) + index
-        return pa.table({
-            "slide_id": pa.array([self.name] * n, pa.string()),
-            "level": pa.array(np.zeros(n), pa.int8()),
-            "y": pa.array((index // self.columns) * tile, pa.int64()),
-            "x": pa.array((index % self.columns) * tile, pa.int64()),
-            "size": pa.array(np.full(n, tile), pa.int32()),
-            "out_size": pa.array(np.full(n, tile), pa.int32()),
-            "tissue_fraction": pa.array(np.ones(n, np.float32)),
-            "annotation_fraction": pa.array(np.full(n, np.nan, np.float32)),
-            "label": pa.array(["normal"] * n, pa.string()),
-            "split": pa.array([self.spec["split"]] * n, pa.string()),
-            "group": pa.array([KIND] * n, pa.string()),
-            "kind": pa.array([KIND] * n, pa.string()),
-            "seed": pa.array(seeds, pa.int64()),
-            "psi": pa.array(np.full(n, float(self.spec["psi"])), pa.float32()),
-            "run": pa.array([self.spec["run"]] * n, pa.string()),
-            "snapshot": pa.array([self.spec["snapshot"]] * n, pa.string()),
-        })
+        else:
+            columns.update({
+                "tissue_fraction": pa.array(np.ones(n, np.float32)),
+                "annotation_fraction": pa.array(np.full(n, np.nan, np.float32)),
+                "label": pa.array(["normal"] * n, pa.string()),
+                "split": pa.array([self.spec["split"]] * n, pa.string()),
+                "group": pa.array([KIND] * n, pa.string()),
+                "kind": pa.array([KIND] * n, pa.string()),
+                "seed": pa.array(int(self.spec["seed0"]) + index, pa.int64()),
+                "psi": pa.array(np.full(n, float(self.spec["psi"])), pa.float32()),
+            })
+        columns["run"] = pa.array([self.spec["run"]] * n, pa.string())
+        columns["snapshot"] = pa.array([self.spec["snapshot"]] * n, pa.string())
+        return pa.table(columns)
 
     def _heatmaps(self, rows) -> None:
         _heatmaps_of(self.root, self.name, rows)

@@ -241,16 +241,9 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
     import subprocess
     import sys
 
-    import yaml
-
     from trainers.evaluate import evaluate as run_eval
 
-    options = {}
-    for item in option or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"--option takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
+    options = _method_options(option)
     out = out or run_dir / f"eval-{split}"
 
     if nproc > 1:
@@ -285,6 +278,19 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         fd = next(k for k in generator if k.startswith(("FD", "FID")) and not k.endswith(" real"))
         typer.echo(f"generator: {fd} {generator[fd]:.2f} (real vs real {generator[fd + ' real']:.2f}) over "
                    f"{generator['images']} images")
+
+
+def _method_options(items: Optional[list[str]]) -> dict:
+    """``--option KEY=VALUE`` pairs, values typed as YAML."""
+    import yaml
+
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 def _run_store(run_dir: Path) -> str | None:
@@ -420,19 +426,12 @@ def synthesize(run_dir: Path = typer.Argument(..., help="A finished generator ru
     import sys
     import uuid
 
-    import yaml
-
     from data_plane.synthetic import SyntheticError, SyntheticSet
     from trainers.synthesize import default_batch, load_generator, set_spec, synthesize as run_synthesize
 
     import torch
 
-    options = {}
-    for item in option or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"--option takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
+    options = _method_options(option)
     if project:
         _project_command(run_dir, store, split or "test", name, batch, options, nproc, resume)
         return
