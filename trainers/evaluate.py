@@ -184,6 +184,11 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
 
 
 @torch.no_grad()
+def _with_normals(groups: list[str] | None) -> list[str] | None:
+    """The groups to score: the chosen anomaly groups and the normal items' (no group, "")."""
+    return None if not groups else sorted({*groups, ""})
+
+
 def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test", groups: list[str] | None = None,
              batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
              device: torch.device | None = None, score_smoothing: float | None = None,
@@ -220,7 +225,9 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     method, _ = load_method(run_dir, options)
     method.to(device)
     test_crop = config.data.stream.eval_crop
-    stream_config = config.data.stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
+    # --group G compares G's items with the normal ones, which belong to no group (""): keep both.
+    stream_config = config.data.stream.model_copy(update={"splits": [split], "groups": _with_normals(groups),
+                                                          "labels": None,
                                                           "crop": test_crop, "augment": "none",
                                                           "max_tiles_per_slide": None, "ids": None})
     everything = select_tiles(read_tile_index(store), stream_config)
@@ -708,7 +715,8 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     device = device or torch.device("cpu")
     method, _ = load_method(run_dir, options)
     method.to(device)
-    stream_config = config.data.volume_stream.model_copy(update={"splits": [split], "groups": groups, "labels": None,
+    stream_config = config.data.volume_stream.model_copy(update={"splits": [split], "groups": _with_normals(groups),
+                                                                 "labels": None,
                                                                  "min_foreground": 0.0, "augment": "none",
                                                                  "ids": None})
     everything = select_volumes(volume_index(store), stream_config)

@@ -69,6 +69,19 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
         assert pixels["histograms"][pixels["labels"] == 1, 1].sum() > 0  # anomalous voxels of anomalous tiles
 
 
+def test_eval_of_one_group_keeps_the_normal_tiles(trained, tmp_path):
+    import math
+
+    from trainers.evaluate import evaluate
+
+    run_dir, _, _ = trained
+    result = evaluate(run_dir, split="test", groups=["ihc_tissue"], workers=0, show_progress=False,
+                      out=tmp_path / "ihc")
+    overall = result["overall"]
+    assert overall["n_normal"] > 20 and overall["n_anomalous"] > 0 and not math.isnan(overall["image_auroc"])
+    assert set(result["groups"]) == {"ihc_tissue"}
+
+
 def test_export_annotations_round_trips_through_geojson_into_a_store(trained, tmp_path):
     import numpy as np
     import zarr
