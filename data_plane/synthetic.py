@@ -43,7 +43,9 @@ def job_identity() -> dict:
     return {"job": job or f"pid-{pid}@{socket.gethostname()}", "host": socket.gethostname(), "pid": pid}
 
 
-def _alive(lock: dict) -> bool:
+def _alive(lock: dict, touched: float | None = None) -> bool:
+    """Whether the job holding a lock runs: its pid on this host; elsewhere, whether the lock file was
+    touched (``touched``, its mtime, moved by every batch's heartbeat) within STALE_S."""
     if lock.get("host") == socket.gethostname():
         try:
             os.kill(int(lock["pid"]), 0)
@@ -52,7 +54,7 @@ def _alive(lock: dict) -> bool:
             return False
         except PermissionError:
             return True
-    return time.time() - float(lock.get("heartbeat", 0)) < STALE_S
+    return touched is not None and time.time() - touched < STALE_S
 
 
 class SyntheticSet:
@@ -137,17 +139,17 @@ class SyntheticSet:
         me = job_identity()
         if path.is_file():
             try:
-                held = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                held = {}
-            if held.get("job") not in (None, me["job"]) and _alive(held):
+                held, touched = json.loads(path.read_text()), path.stat().st_mtime
+            except (json.JSONDecodeError, FileNotFoundError):
+                held, touched = {}, None
+            if held.get("job") not in (None, me["job"]) and _alive(held, touched):
                 raise SyntheticError(
                     f"synthetic set '{self.name}' of store '{self.root}' is being written by job {held['job']} "
                     f"(host {held.get('host')}, pid {held.get('pid')}): wait for it to finish, or stop it; if it is "
                     f"gone, remove {path}")
             if held.get("job") == me["job"]:
                 return
-        atomic_write_text(path, json.dumps({**me, "heartbeat": time.time()}))
+        atomic_write_text(path, json.dumps(me))
 
     def heartbeat(self) -> None:
         path = self.books / "job.json"
@@ -218,12 +220,6 @@ class SyntheticSet:
             out[indices.astype(np.int64)] = values
         return out
 
-    def read(self, index: int) -> np.ndarray:
-        from data_plane.store import LevelReader
-
-        row, column = divmod(index, self.columns)
-        return LevelReader(self.array).read(row * self.tile, column * self.tile, self.tile, self.tile)
-
     # ------------------------------------------------------------------------------ completion
 
     def rows(self):
@@ -273,9 +269,6 @@ class SyntheticSet:
         columns["snapshot"] = pa.array([self.spec["snapshot"]] * n, pa.string())
         return pa.table(columns)
 
-    def _heatmaps(self, rows) -> None:
-        _heatmaps_of(self.root, self.name, rows)
-
     def complete(self) -> bool:
         """When every tile is on disk: write the set's index rows (and a projection's heatmaps), mark it
         complete and rebuild the store's tile index; returns whether the set is complete. Idempotent."""
@@ -306,27 +299,24 @@ class SyntheticSet:
 
         rows = self.rows()
         if self.spec.get("mode") == "project":
-            self._heatmaps(rows.to_pandas())
+            _heatmaps_of(self.root, self.name, rows.to_pandas())
         atomic_write_parquet(rows, own(self.root, KIND, f"{self.name}.parquet"))
         self.group.attrs["tessera"] = {**self.spec, "complete": True}
         self.spec["complete"] = True
         rebuild_tile_index(self.root)
 
 
-def _heatmaps_of(store, name: str, rows) -> list[str]:
+def _heatmaps_of(store, name: str, rows) -> None:
     """Per source slide, the projection distances stitched into ``heatmaps/<name>`` (eval's heatmaps)."""
     from data_plane.heatmap import write_heatmap
     from data_plane.store import read_tile_index
 
     index = read_tile_index(store)
-    written = []
     for slide, part in rows.groupby("source_slide_id"):
         first = index[(index["slide_id"] == slide)].iloc[0]
         footprint = float(first["size"] * 2 ** int(first["level"]))
         write_heatmap(store, slide, name, part[["source_y", "source_x"]].to_numpy(), footprint,
                       scores=part["distance"].to_numpy(float))
-        written.append(slide)
-    return written
 
 
 def complete_sets(store) -> list[str]:

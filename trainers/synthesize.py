@@ -126,8 +126,8 @@ def synthesize(run_dir: str | Path, store: str | Path, count: int, name: str | N
         pending += missing.tolist()
         if len(pending) >= RECORD_EVERY or block == blocks[-1]:
             synthetic.record(rank, pending)
-            synthetic.heartbeat()
             pending = []
+        synthetic.heartbeat()  # every block: another host judges this job alive by it
         seconds["generate"] += tock - tick
         seconds["write"] += time.perf_counter() - tock
         made += len(missing)
@@ -142,13 +142,19 @@ def synthesize(run_dir: str | Path, store: str | Path, count: int, name: str | N
             last_report = time.time()
     if pending:
         synthetic.record(rank, pending)
+    return {**_finish(synthetic, rank, world, made, started, log,
+                      f"synthetic set '{name}' complete: {count} tiles in {synthetic.path} (streams as "
+                      f"data.stream.synthetic: [{name}])"),
+            "seconds_generate": seconds["generate"], "seconds_write": seconds["write"]}
+
+
+def _finish(synthetic, rank: int, world: int, made: int, started: float, log, done_line: str) -> dict:
+    """Complete the set if every rank's tiles are there (releasing the job's lock); this rank's counts."""
     complete = synthetic.complete()
     if complete:
         synthetic.unlock()
-        log(f"synthetic set '{name}' complete: {count} tiles in {synthetic.path} (streams as data.stream.synthetic: "
-            f"[{name}])")
-    return {"name": name, "rank": rank, "world": world, "made": made, "complete": complete,
-            "seconds_generate": seconds["generate"], "seconds_write": seconds["write"],
+        log(done_line)
+    return {"name": synthetic.name, "rank": rank, "world": world, "made": made, "complete": complete,
             "seconds": time.time() - started}
 
 
@@ -231,13 +237,9 @@ def project(run_dir: str | Path, store: str | Path, split: str = "test", name: s
         synthetic.record(rank, missing.tolist(), out["distance"].detach().float().cpu().tolist())
         synthetic.heartbeat()
         made += len(missing)
-    complete = synthetic.complete()
-    if complete:
-        synthetic.unlock()
-        log(f"projection '{name}' complete: {len(rows)} reconstructions in {synthetic.path}, distances in the "
-            f"tile index and heatmaps/{name} of each slide")
-    return {"name": name, "rank": rank, "world": world, "made": made, "complete": complete,
-            "seconds": time.time() - started}
+    return _finish(synthetic, rank, world, made, started, log,
+                   f"projection '{name}' complete: {len(rows)} reconstructions in {synthetic.path}, distances in "
+                   f"the tile index and heatmaps/{name} of each slide")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from PIL import Image
 from tessera.config import load_config
 from data_plane.sample_data import fetch_sample_data as ensure_sample_data
 from data_plane.tiff_writer import texture_tile_fn, write_pyramidal_tiff
-from data_plane.ingest import ingest, resolve_sources, source_for
+from data_plane.ingest import ingest, source_for
 from data_plane.heatmap import write_heatmap
 from data_plane.volumes import write_volume_scores
 

@@ -207,3 +207,15 @@ def test_project_mode_inverts_real_tiles_into_a_set_with_distances_and_heatmaps(
     first = rows.iloc[0]
     assert heat[int(first.source_y) // downsample + 1, int(first.source_x) // downsample + 1] == \
         pytest.approx(first.distance, rel=1e-6)
+
+
+def test_a_lock_of_another_host_lives_while_its_heartbeat_moves(tmp_path):
+    from data_plane.synthetic import STALE_S, _alive
+
+    lock = tmp_path / "job.json"
+    lock.write_text(json.dumps({"job": "other", "host": "node-elsewhere", "pid": 1}))
+    held = json.loads(lock.read_text())
+    assert _alive(held, lock.stat().st_mtime)                     # just touched: alive
+    old = time.time() - STALE_S - 5
+    os.utime(lock, (old, old))
+    assert not _alive(held, lock.stat().st_mtime)                 # silent for longer than STALE_S: taken over
