@@ -94,19 +94,23 @@ def check_store(store: str | Path) -> Path:
 
 def init_store(store: str | Path) -> Path:
     """Create the root, ``slides``, ``volumes`` and ``.tessera`` groups if missing; returns the store's path."""
-    import zarr
-
     root = check_store(store)
-    if not (root / "zarr.json").exists():
-        group = zarr.open_group(str(root), mode="a")
-        group.attrs["tessera"] = {"store_version": STORE_VERSION}
-    for name, note in (("slides", None), ("volumes", None),
-                       (OWN, "tessera's tile index, manifest and items being written; not image data")):
-        if not (root / name / "zarr.json").exists():
-            group = zarr.open_group(str(root / name), mode="a")
-            if note:
-                group.attrs["tessera"] = {"contents": note}
+    ensure_group(root, {"store_version": STORE_VERSION})
+    ensure_group(root / "slides")
+    ensure_group(root / "volumes")
+    ensure_group(root / OWN, {"contents": "tessera's tile index, manifest and items being written; not image data"})
     return root
+
+
+def ensure_group(path: Path, tessera: dict | None = None) -> None:
+    """Create the zarr v3 group at ``path`` (with ``attrs["tessera"]``) unless it exists. Its zarr.json is
+    written whole under a temporary name and renamed, so processes starting together (array tasks,
+    ranks) never read a half-written one, and one that loses the race rewrites the same document."""
+    if (path / "zarr.json").exists():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    document = {"zarr_format": 3, "node_type": "group", "attributes": {"tessera": tessera} if tessera else {}}
+    atomic_write_text(path / "zarr.json", json.dumps(document, indent=2))
 
 
 def atomic_write(path: str | Path, write) -> Path:

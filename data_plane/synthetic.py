@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_plane.store import BACKGROUND, atomic_write, atomic_write_parquet, atomic_write_text, init_store, own, \
-    store_path
+from data_plane.store import BACKGROUND, atomic_write, atomic_write_parquet, atomic_write_text, ensure_group, \
+    init_store, own, store_path
 
 KIND = "synthetic"
 STALE_S = 120  # a lock of another host whose heartbeat is older than this is taken over
@@ -101,8 +101,7 @@ class SyntheticSet:
                 raise SyntheticError(f"synthetic set '{name}' already exists in store '{root}': add --resume to "
                                      f"complete it (tiles already written are kept), or give another --name")
             return cls(root, name)
-        if not (root / KIND / "zarr.json").is_file():
-            zarr.open_group(str(root / KIND), mode="a")
+        ensure_group(root / KIND)
         count, tile = int(spec["count"]), int(spec["tile"])
         columns = math.ceil(math.sqrt(count))
         rows = math.ceil(count / columns)
@@ -152,9 +151,10 @@ class SyntheticSet:
         atomic_write_text(path, json.dumps(me))
 
     def heartbeat(self) -> None:
-        path = self.books / "job.json"
-        if path.is_file():
-            os.utime(path)
+        try:
+            os.utime(self.books / "job.json")
+        except FileNotFoundError:
+            pass  # another rank completed the set and released the lock: nothing left to guard
 
     def unlock(self) -> None:
         path = self.books / "job.json"

@@ -173,7 +173,7 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
 
     from data_plane.ingest import IngestError, _sha256
     from data_plane.ngff import LABEL_COLOURS, NGFF_VERSION, multiscales, volume_axes, volume_ome, volume_transform
-    from data_plane.store import atomic_write_parquet, own
+    from data_plane.store import atomic_write_parquet, ensure_group, own
 
     started = time.time()
     root = Path(store)
@@ -228,8 +228,7 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
     }
     final = root / "volumes" / source.item_id
     final.parent.mkdir(exist_ok=True)
-    if not (final.parent / "zarr.json").exists():
-        zarr.open_group(str(final.parent), mode="a")
+    ensure_group(final.parent)
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
