@@ -98,6 +98,8 @@ def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
         return f"<tr><td>{html.escape(name)}</td><td>{values['n_normal']}</td><td>{values['n_anomalous']}</td>{cells}</tr>"
 
     rows = [row("overall", metrics["overall"])] + [row(g, v) for g, v in metrics["groups"].items()]
+    rows += [row(f"score term {name} (overall)", values["overall"])
+             for name, values in metrics.get("score_terms", {}).items()]
     images = "".join(f'<figure><img src="heatmaps/{html.escape(h)}" width="420"><figcaption>{html.escape(h)}'
                      f"</figcaption></figure>" for h in heatmaps)
     (out / "index.html").write_text(f"""<!doctype html><meta charset="utf-8"><title>tessera eval</title>
@@ -128,6 +130,12 @@ def _gather(env, part):
     parts = [None] * env.world_size
     dist.all_gather_object(parts, part)
     return parts if env.is_main else None
+
+
+def _has_terms(method) -> bool:
+    from core.methods.base import Method
+
+    return isinstance(method, Method) and type(method).score_terms is not Method.score_terms
 
 
 def _on(batch: dict, device: torch.device) -> dict:
@@ -166,13 +174,17 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
                    extra: dict | None = None) -> dict:
     """Merge the ranks' shares and write metrics.json (with the eval ``settings`` that shaped the
     scores, and ``extra`` results such as a generator's FD/KD), the curves and index.html."""
-    metrics, names = AnomalyMetrics(), []
-    for part_metrics, part_names in parts:
+    metrics, names, terms = AnomalyMetrics(), [], {}
+    for part_metrics, part_names, part_terms in parts:
         metrics.merge(part_metrics)
         names += part_names
+        for name, term in part_terms.items():
+            terms.setdefault(name, AnomalyMetrics()).merge(term)
     result = metrics.compute()
     if settings:
         result["settings"] = settings
+    if terms:  # the parts of a combined image score, each ranked on its own (pgan_enc's L_n, L_o, A)
+        result["score_terms"] = {name: term.compute() for name, term in sorted(terms.items())}
     result.update(extra or {})
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _write_scores(out / "scores.csv", metrics)
@@ -237,7 +249,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     out = Path(out) if out is not None else run_dir / f"eval-{split}"
     heatmap = run_dir.name if out == run_dir / f"eval-{split}" else f"{run_dir.name}.{out.name}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    metrics = AnomalyMetrics()
+    metrics, terms = AnomalyMetrics(), {}
     names = []
     scoring, scored = 0.0, 0
     shown: dict[int, list] = {0: [], 1: []}  # the first normal and anomalous tiles, for reconstructions.png
@@ -253,6 +265,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             scores, maps = method.score(_on(batch, device))
             scores, maps = scores.float().cpu(), (maps.float().cpu() if maps is not None else None)
             scoring, scored = scoring + time.perf_counter() - started, scored + len(scores)
+            parts = {k: v.float().cpu() for k, v in method.score_terms(_on(batch, device)).items()} \
+                if _has_terms(method) else {}
             if embedder is not None and (batch["target"] == 0).any():
                 normal_features.append(embedder(batch["image"][batch["target"] == 0].to(device)).cpu())
             for i in range(len(scores)):
@@ -264,10 +278,13 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
                 if len(shown[target]) < 8:
                     shown[target].append(batch["image"][i])
                 has_mask = bool(batch["has_mask"][i]) if "has_mask" in batch else False
+                case = "{}@{},{}".format(slide, *batch["level0_yx"][i].tolist())
                 metrics.add(float(scores[i]), target, batch["group"][i],
                             maps[i, 0].numpy() if maps is not None and has_mask else None,
-                            batch["mask"][i, 0].numpy() if has_mask else None,
-                            case_id="{}@{},{}".format(slide, *batch["level0_yx"][i].tolist()))
+                            batch["mask"][i, 0].numpy() if has_mask else None, case_id=case)
+                for name, values in parts.items():
+                    terms.setdefault(name, AnomalyMetrics()).add(float(values[i]), target, batch["group"][i],
+                                                                 case_id=case)
         for slide, entries in per_slide.items():
             rows = stream.tiles.iloc[[e[2] for e in entries]]
             footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
@@ -279,7 +296,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     if (shown[0] or shown[1]) and (env is None or env.is_main):  # from the main rank's share
         _write_reconstructions(method, shown, device, out)
     generator = _generator_metrics(method, embedder, normal_features, env, device) if embedder is not None else None
-    parts = _gather(env, (metrics, names))
+    parts = _gather(env, (metrics, names, terms))
     settings = {"method_options": options or {}, "store": str(store), "heatmap": heatmap,
                 "seconds_per_tile": scoring / max(scored, 1)}  # the main rank's scoring time, loading excluded
     return _write_outputs(out, run_dir, parts, settings, {"generator": generator} if generator else None) \
@@ -580,6 +597,13 @@ def volume_score(voxel_scores: np.ndarray, top_fraction: float = 0.001) -> float
     return float(flat[: max(10, int(top_fraction * flat.size))].mean())
 
 
+def pooled_slice_term(values: list[tuple[float, float]], min_foreground: float, top_fraction: float = 0.1) -> float:
+    """A volume's value of a per-slice score term: the mean of the highest tenth over the slices with as
+    much foreground as training used (empty slices, never trained on, would otherwise dominate)."""
+    kept = np.sort([v for f, v in values if f >= min_foreground] or [v for _, v in values])[::-1]
+    return float(kept[: max(1, int(round(top_fraction * len(kept))))].mean())
+
+
 def smooth_scores(voxel_scores: np.ndarray, sigma: float) -> np.ndarray:
     """A reassembled score volume smoothed by a 3D Gaussian of ``sigma`` voxels (0: unchanged)."""
     if not sigma:
@@ -601,8 +625,10 @@ def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 @torch.no_grad()
 def score_volumes(method, store, stream_config, ids: list[str], batch_size: int, workers: int, show: bool,
-                   device: torch.device, description: str) -> tuple[dict, dict]:
-    """Score ``ids`` slice by slice: their reassembled (unsmoothed) voxel score volumes and index rows."""
+                   device: torch.device, description: str, terms: dict | None = None) -> tuple[dict, dict]:
+    """Score ``ids`` slice by slice: their reassembled (unsmoothed) voxel score volumes and index rows.
+    With ``terms`` (a dict) and a method with score terms, each volume's per-slice terms are added to it:
+    ``terms[volume_id][name]`` lists (slice foreground fraction, value)."""
     from rich.progress import track
     from torch.utils.data import DataLoader
 
@@ -616,6 +642,12 @@ def score_volumes(method, store, stream_config, ids: list[str], batch_size: int,
     for batch in (track(batches, total=len(stream), description=description) if show else batches):
         _, maps = method.score(_on(batch, device))
         maps = maps.float().cpu()
+        if terms is not None and _has_terms(method):
+            foreground = (batch["image"] != 0).flatten(1).float().mean(1)
+            for name, values in method.score_terms(_on(batch, device)).items():
+                for i, volume_id in enumerate(batch["volume_id"]):
+                    terms.setdefault(volume_id, {}).setdefault(name, []).append((float(foreground[i]),
+                                                                                 float(values[i])))
         for i, volume_id in enumerate(batch["volume_id"]):
             plane_shape = [s for a, s in enumerate(scores[volume_id].shape) if a != axis]
             plane = _unsquare(maps[i], *plane_shape)[0]
@@ -729,11 +761,11 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     baseline = None
     if stream_config.normal_baseline:
         baseline = normal_baseline(run_dir, method, stream_config, store, batch_size, workers, show, device, env)
-    metrics = AnomalyMetrics()
+    metrics, terms, slice_terms = AnomalyMetrics(), {}, {}
     names = []
     if mine:
         scores, volumes = score_volumes(method, store, stream_config, mine, batch_size, workers, show, device,
-                                         f"eval {split}")
+                                         f"eval {split}", slice_terms)
         root = store_path(store)
         reduce = getattr(method, "sample_score", volume_score)
         for volume_id, row in volumes.items():
@@ -749,9 +781,13 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             mask = volume_array(root, volume_id, "mask")[:] if row.has_mask else None
             metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask,
                         case_id=volume_id)
+            for name, values in slice_terms.get(volume_id, {}).items():
+                terms.setdefault(name, AnomalyMetrics()).add(
+                    pooled_slice_term(values, config.data.volume_stream.min_foreground), target, row.group,
+                    case_id=volume_id)
             if target == 1:
                 names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
-    parts = _gather(env, (metrics, names))
+    parts = _gather(env, (metrics, names, terms))
     settings = {"score_smoothing": stream_config.score_smoothing, "normal_baseline": stream_config.normal_baseline}
     return _write_outputs(out, run_dir, parts, settings) if parts is not None else None
 

@@ -39,7 +39,8 @@ def _load_all() -> None:
     import importlib
     import os
 
-    from core.methods import dpa, fpi, mkd, reference_ae, stylegan2, stylegan2_encoder  # noqa: F401
+    from core.methods import (dpa, fanogan, fpi, mkd, pgan_enc, reference_ae, stylegan2,  # noqa: F401
+                              stylegan2_encoder)
 
     # A lab's own methods, outside tessera: TESSERA_METHOD_MODULES=mylab.methods,other.module (imported in
     # every process, ranks and Ray workers included, since they inherit the environment).

@@ -21,6 +21,8 @@ checkpoints, and calls only what is named here:
 - ``statistics(batches)`` / ``set_statistics(stats)``  feature statistics computed once per run (DPA's
                                 μ, σ); only when ``uses_statistics``,
 - ``sample_score(voxel_scores)`` a volume's score from its voxel map (default: the mean of the top 0.1 %),
+- ``score_terms(batch)``          the named parts of a combined image score (``{name: [B]}``, each higher =
+                                more anomalous); evaluation ranks each on its own (metrics.json "score_terms"),
 - ``reconstruction(images)``    what the method rebuilds of tiles in [0, 1], for evaluation's
                                 reconstructions.png (None: it does not reconstruct),
 - ``generated(count, first_seed)``  a generator's images in [0, 1] from seeds first_seed… (None: not a
@@ -108,6 +110,11 @@ class Method(nn.Module):
         in buffers, which checkpoints keep."""
         raise NotImplementedError
 
+    def score_terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``{name: image scores [B]}``: parts of the image score worth ranking alone; {} when none (then
+        evaluation does not call it)."""
+        return {}
+
     def reconstruction(self, images: torch.Tensor) -> torch.Tensor | None:
         return None
 
@@ -159,3 +166,31 @@ def check_phases(method: Method) -> list[Phase]:
                                  f"parameter must belong to one group")
             owner[id(parameter)] = group
     return phases
+
+
+def load_trained(path: str, kinds: tuple[str, ...], option: str) -> Method:
+    """A trained method of one of ``kinds`` from a run directory (its final.pt) or a final.pt / snapshot
+    model.pt, with its averaged networks (G_ema, E_ema) in place, read with weights_only=True (never code).
+    ``option`` names the setting that gave the path, for errors."""
+    import json
+    from pathlib import Path
+
+    from core.methods import create_method
+
+    source = Path(path).expanduser()
+    if source.is_dir():
+        source = source / "final.pt"
+    if not source.is_file():
+        raise FileNotFoundError(f"{option}: no weights at '{source}' (give the run directory of a finished "
+                                f"{' or '.join(kinds)} run, or its final.pt / a snapshot's model.pt)")
+    saved = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or "method_json" not in saved:
+        raise ValueError(f"{option}: '{source}' is not a tessera weights file")
+    config = json.loads(saved["method_json"])
+    if config["name"] not in kinds:
+        raise ValueError(f"{option}: '{source}' holds a '{config['name']}' run, not {' or '.join(kinds)}")
+    method = create_method(config["name"], config["options"])
+    method.load_state_dict(saved["state"])
+    for name, state in (saved.get("ema") or {}).items():
+        getattr(method, name).load_state_dict(state)
+    return method

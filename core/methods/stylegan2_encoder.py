@@ -13,8 +13,6 @@ snapshot model.pt; it is copied into this method's weights, so evaluation does n
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -22,8 +20,8 @@ from pydantic import Field
 
 from core.config import StrictConfig
 from core.inversion import Encoder, PerceptualDistance, project
-from core.methods import create_method, register_method
-from core.methods.base import Method, Phase
+from core.methods import register_method
+from core.methods.base import Method, Phase, load_trained
 from core.nets import ignore_saved_extractors
 
 
@@ -40,23 +38,7 @@ class EncoderConfig(StrictConfig):
 
 def _load_generator(path: str):
     """The StyleGAN2 method of a run with its G_ema, read with weights_only=True (never code)."""
-    source = Path(path).expanduser()
-    if source.is_dir():
-        source = source / "final.pt"
-    if not source.is_file():
-        raise FileNotFoundError(f"method.options.generator: no StyleGAN2 weights at '{source}' (give the run "
-                                f"directory of a finished stylegan2 run, or a final.pt / snapshot model.pt)")
-    saved = torch.load(source, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or "method_json" not in saved:
-        raise ValueError(f"method.options.generator: '{source}' is not a tessera weights file")
-    config = json.loads(saved["method_json"])
-    if config["name"] != "stylegan2":
-        raise ValueError(f"method.options.generator: '{source}' holds a '{config['name']}' run, not stylegan2")
-    gan = create_method("stylegan2", config["options"])
-    gan.load_state_dict(saved["state"])
-    if saved.get("ema"):
-        gan.G.load_state_dict(saved["ema"]["G"])
-    return gan
+    return load_trained(path, ("stylegan2",), "method.options.generator")
 
 
 @register_method("stylegan2_encoder")

@@ -17,7 +17,8 @@ SMALL = {"reference_ae": {"width": 8, "depth": 3, "bottleneck": 8}, "fpi": {"bas
          "mkd": {"net": "efficientnet_lite0", "weights": "none", "layers": ["reduction2", "reduction3"],
                  "cloner_base": 4, "lambda_dir": 1.0},
          "stylegan2": {"resolution": 32, "channel_base": 256, "channel_max": 32, "z_dim": 16, "w_dim": 16,
-                       "mapping_layers": 2, "augment_p": 0.5}}
+                       "mapping_layers": 2, "augment_p": 0.5},
+         "pgan_enc": {"resolution": 32, "z_dim": 16, "channel_base": 256, "channel_max": 32}}
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +34,27 @@ def small_generator(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def small_pgan(tmp_path_factory):
+    """A (random) progressive GAN without encoder saved as a run's final.pt: what fanogan inverts."""
+    import json
+
+    torch.manual_seed(0)
+    gan = create_method("pgan_enc", {**SMALL["pgan_enc"], "encoder_loss": "none"})
+    path = tmp_path_factory.mktemp("pgan") / "final.pt"
+    torch.save({"method_json": json.dumps({"name": "pgan_enc", "options": gan.config.model_dump(mode="json")}),
+                "state": gan.state_dict(), "ema": {"G": gan.G.state_dict()}}, path)
+    return path
+
+
 @pytest.fixture(params=method_names())
 def method(request):
     options = SMALL.get(request.param, {})
     if request.param == "stylegan2_encoder":
         options = {"generator": str(request.getfixturevalue("small_generator")), "channel_base": 128,
                    "channel_max": 16}
+    if request.param == "fanogan":
+        options = {"generator": str(request.getfixturevalue("small_pgan"))}
     torch.manual_seed(0)
     return create_method(request.param, options)
 
