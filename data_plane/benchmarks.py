@@ -45,13 +45,27 @@ def split_counts(subjects: int) -> tuple[int, int, int]:
     return subjects - test_normal - anomalous, test_normal, anomalous
 
 
+def contaminated(count: int, fraction: float, seed: int) -> list[int]:
+    """Which of ``count`` training items carry an unlabelled anomaly: round(fraction × count) of them,
+    chosen by their own random stream so that nothing else of the benchmark changes with ``fraction``."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"contaminate must be a fraction in [0, 1), got {fraction}")
+    chosen = np.random.default_rng((seed, 0xC0)).permutation(count)[:int(round(fraction * count))]
+    return sorted(int(i) for i in chosen)
+
+
 def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 2, seed: int = 0,
-                         show_progress: bool = True, val_anomalous: int = 0, val_normal: int = 0) -> Path:
+                         show_progress: bool = True, val_anomalous: int = 0, val_normal: int = 0,
+                         contaminate: float = 0.0) -> Path:
     """Write the benchmark into ``out``; returns the manifest CSV. ``val_anomalous`` more subjects, with
     outliers, form a ``val`` split: the few known anomalies a weakly-supervised search chooses by;
     ``val_normal`` more normal subjects join it, so evaluation settings (a volume score's reduction,
     smoothing) can be chosen on a val sample AUROC without touching the test split. Subject i is the
-    same whatever the counts after it: adding val subjects leaves train and test unchanged."""
+    same whatever the counts after it: adding val subjects leaves train and test unchanged.
+
+    ``contaminate`` P: a share P of the training subjects carry an outlier (MOOD's kinds in turn) while
+    still labelled normal, without a mask: training data that is not anomaly-free, as real data is. The
+    test and val subjects are unchanged; ``contamination.json`` lists the contaminated subjects."""
     import nibabel
     import torch
     from nilearn import datasets
@@ -68,6 +82,7 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     t1 = np.asarray(template.dataobj, np.float32)
     brain_mask = np.asarray(brain.dataobj, np.float32) > 0.5
     n_train, n_test_normal, _ = split_counts(subjects)
+    dirty = contaminated(n_train, contaminate, seed)
     rows = []
     examples = {}
     steps = range(subjects + val_anomalous + val_normal)
@@ -90,6 +105,10 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
                 rng = np.random.default_rng((seed, i))
                 image, mask = mood_outlier(image, group, rng, foreground=foreground, radius_range=(0.08, 0.18))
                 examples.setdefault(group, (image[0].numpy(), mask.numpy()))
+        elif i in dirty:  # an unlabelled outlier in a training subject
+            kind = OUTLIER_KINDS[dirty.index(i) % len(OUTLIER_KINDS)]
+            image, _ = mood_outlier(image, kind, np.random.default_rng((seed, i, 0xC0)), foreground=foreground,
+                                    radius_range=(0.08, 0.18))
         path = out / "images" / f"{name}.nii.gz"
         nibabel.Nifti1Image(image[0].numpy().astype(np.float32), affine).to_filename(path)
         mask_path = ""
@@ -100,9 +119,16 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
         rows.append({"path": str(path.relative_to(out)), "label": label, "split": split, "mask": mask_path,
                      "group": group})
     manifest = write_manifest(out / "manifest.csv", rows)
+    _write_contamination(out, contaminate, [rows[i]["path"] for i in dirty])
     if examples:
         montage(examples, out / "montage.png")
     return manifest
+
+
+def _write_contamination(out: Path, fraction: float, paths: list[str]) -> None:
+    import json
+
+    (out / "contamination.json").write_text(json.dumps({"fraction": fraction, "items": paths}, indent=1))
 
 
 def montage(examples: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
@@ -149,22 +175,40 @@ def _foreign_tissue(tile: np.ndarray, source: np.ndarray, rng: np.random.Generat
     return out, (cy, cx, radius)
 
 
-def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, seed: int = 0) -> Path:
+def _anomalous_cell(base: np.ndarray, group: str, rng: np.random.Generator, sources: dict) -> tuple[np.ndarray, tuple]:
+    """``base`` with one anomaly of ``group``; returns (tile, (cy, cx, radius))."""
+    import torch
+
+    from core.anomalies import OUTLIERS, random_sphere, sphere_mask
+
+    tile = base.shape[0]
+    if group.endswith("_tissue"):
+        return _foreign_tissue(base, sources[group], rng)
+    image = torch.from_numpy(base.copy()).permute(2, 0, 1).float() / 255
+    centre, radius = random_sphere((tile, tile), rng, (0.15, 0.3))
+    disc_mask = sphere_mask((tile, tile), centre, radius)
+    altered = OUTLIERS[group](image, disc_mask, rng, centre=centre, radius=radius)
+    cell = (altered.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return cell, (float(centre[0]), float(centre[1]), radius)
+
+
+def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, seed: int = 0,
+                         contaminate: float = 0.0) -> Path:
     """Mosaic slides of real tissue tiles (normal, and one per anomaly group) with GeoJSON masks.
 
     From the sample slide's tissue tiles: 60% make the normal training mosaic, the rest the normal
     test mosaic; each group's mosaic holds ``per_group`` test tiles with one anomaly each. Also writes
     ``manifest.csv`` and ``recipe.yaml`` (the data settings that index one tile per mosaic cell).
+    ``contaminate`` P: a share P of the training mosaic's tiles carry an anomaly (the groups in turn),
+    unannotated; the test mosaics are unchanged (``contamination.json`` lists the cells).
     """
     import json
 
     import openslide
-    import torch
     import yaml
     from PIL import Image
     from skimage import data as skdata
 
-    from core.anomalies import OUTLIERS, random_sphere, sphere_mask
     from data_plane.config import TissueConfig
     from data_plane.sample_data import fetch_sample_data
     from data_plane.tiff_writer import write_pyramidal_tiff
@@ -190,6 +234,11 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
     n_train = int(0.6 * len(tiles))
     train = [tiles[i] for i in order[:n_train]]
     test = [tiles[i] for i in order[n_train:]]
+    sources = {"he_tissue": he_source, "ihc_tissue": ihc_source}
+    dirty = contaminated(n_train, contaminate, seed)
+    for k, index in enumerate(dirty):
+        train[index], _ = _anomalous_cell(train[index], SLIDE_GROUPS[k % len(SLIDE_GROUPS)],
+                                          np.random.default_rng((seed, index, 0xC0)), sources)
 
     def mosaic(name: str, cells: list[np.ndarray], anomalies: list[tuple] | None = None) -> Path:
         columns = int(np.ceil(np.sqrt(len(cells))))
@@ -220,21 +269,14 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
         for k in range(per_group):
             base = test[int(rng.integers(len(test)))]
             item_rng = np.random.default_rng((seed, SLIDE_GROUPS.index(group), k))
-            if group.endswith("_tissue"):
-                cell, disc = _foreign_tissue(base, he_source if group == "he_tissue" else ihc_source, item_rng)
-            else:
-                image = torch.from_numpy(base.copy()).permute(2, 0, 1).float() / 255
-                centre, radius = random_sphere((tile, tile), item_rng, (0.15, 0.3))
-                disc_mask = sphere_mask((tile, tile), centre, radius)
-                altered = OUTLIERS[group](image, disc_mask, item_rng, centre=centre, radius=radius)
-                cell = (altered.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-                disc = (float(centre[0]), float(centre[1]), radius)
+            cell, disc = _anomalous_cell(base, group, item_rng, sources)
             cells.append(cell)
             discs.append(disc)
         path = mosaic(f"test_{group}", cells, discs)
         rows.append({"path": path.name, "label": "anomalous", "split": "test", "annotation": f"test_{group}.geojson",
                      "group": group})
     manifest = write_manifest(out / "manifest.csv", rows)
+    _write_contamination(out, contaminate, [f"train_normal cell {i}" for i in dirty])
     recipe = {"name": "slide-benchmark", "data": {
         "tiles": {"size": tile, "magnification": None, "min_tissue_fraction": 0.5},
         "annotations": {"downsample": 1, "anomalous_fraction": 0.01},

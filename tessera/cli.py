@@ -559,6 +559,8 @@ def store_migrate(store: Path = typer.Argument(..., help="A store written by an 
     typer.echo(done)
 
 
+CONTAMINATE_HELP = ("Share of the training items (subjects, tiles) given an anomaly while still labelled normal "
+                    "(0.02 = 2 %); the test split is unchanged. Lists them in contamination.json.")
 bench_app = typer.Typer(help="Build benchmarks with known anomalies from real sample data.", no_args_is_help=True)
 app.add_typer(bench_app, name="make-benchmark")
 
@@ -571,11 +573,13 @@ def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfT
                          val_anomalous: int = typer.Option(0, min=0, help="Extra subjects with outliers in a "
                                                                             "'val' split (known anomalies for tune)."),
                          val_normal: int = typer.Option(0, min=0, help="Extra normal subjects in the 'val' split "
-                                                                         "(to choose eval settings by a val AUROC).")) -> None:
+                                                                         "(to choose eval settings by a val AUROC)."),
+                         contaminate: float = typer.Option(0.0, min=0.0, max=0.99, help=CONTAMINATE_HELP)) -> None:
     """Brain MRI subjects from the MNI152 template, with MOOD's five outlier kinds in the test split."""
     from data_plane.benchmarks import make_brain_benchmark, split_counts
 
-    manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous, val_normal=val_normal)
+    manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous, val_normal=val_normal,
+                                    contaminate=contaminate)
     train, normal, anomalous = split_counts(subjects)
     typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous"
                f"{f', {val_anomalous} val anomalous' if val_anomalous else ''}"
@@ -587,11 +591,12 @@ def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfT
 def make_benchmark_slide(out: Path = typer.Option(..., help="Output folder (mosaic slides, GeoJSON, manifest.csv, recipe.yaml)."),
                          tile: int = typer.Option(128, min=32, help="Tile size in pixels."),
                          per_group: int = typer.Option(12, min=1, help="Anomalous tiles per group."),
-                         seed: int = typer.Option(0, help="Seed of the split and the anomalies.")) -> None:
+                         seed: int = typer.Option(0, help="Seed of the split and the anomalies."),
+                         contaminate: float = typer.Option(0.0, min=0.0, max=0.99, help=CONTAMINATE_HELP)) -> None:
     """Normal tissue tiles from the sample slide and tiles carrying foreign tissue or MOOD outliers, one group each."""
     from data_plane.benchmarks import SLIDE_GROUPS, make_slide_benchmark
 
-    manifest = make_slide_benchmark(out, tile, per_group, seed)
+    manifest = make_slide_benchmark(out, tile, per_group, seed, contaminate)
     typer.echo(f"groups {', '.join(SLIDE_GROUPS)} -> {manifest}; ingest with: tessera ingest --manifest {manifest} "
                f"--store STORE --config {Path(out) / 'recipe.yaml'}")
 
