@@ -65,10 +65,12 @@ def test_demo_writes_a_run_directory(tmp_path, sample_data):
         assert (run / name).is_file(), name
     assert "aperio" in (run / "log.txt").read_text()
     stages = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in stages][-4:] == ["eval", "fpi", "mkd", "synthesize"]
-    assert 0 <= stages[-3]["pixel_auroc"] <= 1 and list((run / "fpi" / "eval-test" / "mood" / "pixel").glob("*.nii.gz"))
-    assert 0 <= stages[-2]["image_auroc"] <= 1 and (run / "mkd" / "feature_stats.pt").is_file()
-    assert stages[-1]["complete"] and (run / "stylegan2" / "synthetic-grid.png").stat().st_size > 1000
+    assert [r["stage"] for r in stages][-5:] == ["eval", "fpi", "mkd", "synthesize", "pgan_enc"]
+    assert 0 <= stages[-4]["pixel_auroc"] <= 1 and list((run / "fpi" / "eval-test" / "mood" / "pixel").glob("*.nii.gz"))
+    assert 0 <= stages[-3]["image_auroc"] <= 1 and (run / "mkd" / "feature_stats.pt").is_file()
+    assert stages[-2]["complete"] and (run / "stylegan2" / "synthetic-grid.png").stat().st_size > 1000
+    assert all(0 <= stages[-1][f"{t}_auroc"] <= 1 for t in ("combined", "residual", "latent_norm"))
+    assert (run / "pgan_enc" / "eval-test" / "reconstructions.png").stat().st_size > 1000
     overlays = list((run / "mkd" / "eval-test" / "heatmaps").glob("*.png"))
     assert len(overlays) == 8  # every test slide of the benchmark: the normal mosaic and 7 anomaly groups
     exported = list((run / "mkd" / "eval-test" / "annotations").glob("*.geojson"))
