@@ -383,9 +383,10 @@ def export(run_dir: Path = typer.Argument(..., help="A finished training run dir
 
 @app.command()
 def score(model: Path = typer.Argument(..., help="A run directory or a `tessera export` file."),
-          inputs: list[str] = typer.Argument(..., help="Slides to score (paths, folders, globs)."),
-          out: Path = typer.Option(Path("scores"), help="Output folder: scores.csv, heatmaps/, store.zarr.")) -> None:
-    """Score slides that were never ingested: per-slide scores and heatmaps."""
+          inputs: list[str] = typer.Argument(..., help="Slides or volumes (NIfTI, DICOM series) to score (paths, "
+                                                        "folders, globs)."),
+          out: Path = typer.Option(Path("scores"), help="Output folder: scores.csv, heatmaps/, mood/, store.zarr.")) -> None:
+    """Score slides or volumes that were never ingested: per-item scores, slide heatmaps, volume score maps."""
     from trainers.evaluate import score_inputs
 
     try:

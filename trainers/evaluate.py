@@ -541,8 +541,9 @@ def slide_score(tile_scores: np.ndarray, top_fraction: float = 0.05) -> float:
 
 @torch.no_grad()
 def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_size: int = 32) -> Path:
-    """Score slides never ingested: ingest them into ``out/store.zarr`` with the run's data settings, then
-    write ``scores.csv`` (slide score = mean of the top 5% tile scores), heatmaps and PNG overlays."""
+    """Score slides and volumes never ingested: ingest them into ``out/store.zarr`` with the run's data
+    settings, then write ``scores.csv`` (slide score = mean of the top 5% tile scores; a volume's, its
+    sample score) with slide heatmaps and PNG overlays, and for volumes MOOD's outputs in ``out/mood``."""
     import csv
 
     from torch.utils.data import DataLoader
@@ -567,7 +568,10 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
     store = out / "store.zarr"
     report = ingest(resolve_sources(inputs), store, config.data, show_progress=False)
     rows = [{"slide_id": slide, "score": "", "tiles": 0, "error": reason} for slide, reason in report.failed.items()]
-    slides = report.done + report.skipped
+    volumes = _ingested_volumes(store)
+    slides = [item for item in report.done + report.skipped if item not in volumes]
+    rows += _score_new_volumes(method, config, store, [i for i in report.done + report.skipped if i in volumes],
+                               out, batch_size, model if model.is_dir() else None)
     (out / "heatmaps").mkdir(exist_ok=True)
     for slide in slides:
         stream = GridStream(store, [slide], stain=config.data.stain)
@@ -589,6 +593,57 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
         writer.writeheader()
         writer.writerows(rows)
     return out / "scores.csv"
+
+
+def _ingested_volumes(store) -> set[str]:
+    from data_plane.volumes import volume_index
+
+    try:
+        return set(volume_index(store)["volume_id"])
+    except FileNotFoundError:
+        return set()
+
+
+def _score_new_volumes(method, config, store, ids: list[str], out: Path, batch_size: int,
+                       run_dir: Path | None) -> list[dict]:
+    """`tessera score` of volumes: each scored slice by slice as evaluation does (the run's slice axis,
+    size and smoothing, and the normal baseline its evaluation cached in RUN_DIR/baselines when the
+    volume has its shape), written as MOOD outputs (out/mood/pixel/<case>.nii.gz in the input's own grid,
+    out/mood/sample/<case>.txt) and a scores.csv row. A run trained on tiles cannot score a volume: each
+    gets a row that says so."""
+    if not ids:
+        return []
+    if config.train.data not in ("slices", "slice_pairs"):
+        return [{"slide_id": v, "score": "", "tiles": 0, "error": "a volume needs a run trained on slices "
+                 f"(train.data: slices); this one was trained on {config.train.data}"} for v in ids]
+    from data_plane.volumes import write_volume_scores
+
+    settings = config.data.volume_stream
+    stream_config = settings.model_copy(update={"splits": ["train"], "groups": None, "labels": None,
+                                                "min_foreground": 0.0, "augment": "none"})
+    scores, _ = score_volumes(method, store, stream_config, ids, batch_size, 0, False, torch.device("cpu"),
+                              "score volumes")
+    baseline = None
+    cached = run_dir / "baselines" / f"{settings.normal_baseline}-sigma{settings.score_smoothing:g}.npz" \
+        if run_dir is not None and settings.normal_baseline else None
+    if cached is not None and cached.is_file():
+        with np.load(cached, allow_pickle=False) as saved:
+            baseline = saved["mean"]
+    reduce = getattr(method, "sample_score", volume_score)
+    rows = []
+    for volume_id in ids:
+        voxels = smooth_scores(scores[volume_id], settings.score_smoothing)
+        fits = baseline is not None and baseline.shape == voxels.shape
+        sample = reduce(voxels - baseline if fits else voxels)
+        write_volume_scores(store, volume_id, "score", voxels, sample, out_dir=out / "mood")
+        note = ""
+        if settings.normal_baseline and not fits:
+            note = ("scored without the run's normal baseline: " +
+                    ("it has another shape (not registered to the training template)" if baseline is not None else
+                     "none cached; `tessera eval` the run once to cache it"))
+        rows.append({"slide_id": volume_id, "score": f"{sample:.6f}", "tiles": int(voxels.shape[settings.slice_axis]),
+                     "error": note})
+    return rows
 
 
 def volume_score(voxel_scores: np.ndarray, top_fraction: float = 0.001) -> float:

@@ -297,6 +297,26 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
     assert (run_dir / "eval-test" / "index.html").is_file()
     assert result["settings"] == {"score_smoothing": 0.0, "normal_baseline": None}
 
+    # `tessera score` of volumes never ingested, a NIfTI file and a DICOM series: re-ingested and scored as
+    # evaluation scores them (the same sample score for the same file), with MOOD outputs in the input's grid.
+    from tests.data_plane.test_volumes import write_dicom_series
+
+    test_row = next(r for r in csv.DictReader(open(manifest)) if r["split"] == "test" and r["label"] == "anomalous")
+    nifti = manifest.parent / test_row["path"]
+    series = write_dicom_series(tmp_path / "series_b", np.round(1000 * np.asarray(nibabel.load(nifti).dataobj)))
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "score", str(run_dir), str(nifti), str(series),
+                           "--out", str(tmp_path / "scored")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "scored" / "scores.csv"))}
+    case = Path(test_row["path"]).name
+    stem = case.removesuffix(".nii.gz")
+    assert set(rows) == {stem, "series_b"} and not any(r["error"] for r in rows.values())
+    assert float(rows[stem]["score"]) == pytest.approx(float((mood / "sample" / f"{case}.txt").read_text()), rel=1e-5)
+    scored_nifti = nibabel.load(tmp_path / "scored" / "mood" / "pixel" / case)
+    assert scored_nifti.shape == nibabel.load(nifti).shape
+    assert float(rows["series_b"]["score"]) > 0 and list((tmp_path / "scored" / "mood" / "pixel").glob("series_b*"))
+
     # The same run evaluated with 3D smoothing: recorded with the metrics, and the written score volumes
     # vary less from one slice to the next than the raw slice-by-slice maps did.
     def slice_jumps(folder):
