@@ -69,9 +69,8 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     import nibabel
     import torch
     from nilearn import datasets
-    from rich.progress import track
-
     from core.anomalies import OUTLIER_KINDS, mood_outlier
+    from data_plane.progress import track
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -86,7 +85,7 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     rows = []
     examples = {}
     steps = range(subjects + val_anomalous + val_normal)
-    for i in (track(steps, description="brain subjects") if show_progress else steps):
+    for i in track(steps, description="brain subjects", show=show_progress):
         sample = _subject_transform(seed * 100_003 + i)({"image": t1[None], "brain": brain_mask[None].astype(np.float32)})
         image = torch.as_tensor(sample["image"]).float()
         foreground = torch.as_tensor(sample["brain"])[0] > 0.5

@@ -215,10 +215,10 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
     heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
     """
-    from rich.progress import track
     from torch.utils.data import DataLoader
 
     from data_plane.heatmap import render_overlay, write_heatmap
+    from data_plane.progress import track
     from data_plane.store import read_tile_index
     from data_plane.stream import TileStream, select_tiles
     from tessera.config import load_config
@@ -260,7 +260,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         per_slide: dict[str, list] = {}
         batches = DataLoader(stream, batch_size=None, num_workers=workers)
         show = show_progress and (env is None or env.is_main)
-        for batch in (track(batches, total=len(stream), description=f"eval {split}") if show else batches):
+        for batch in track(batches, total=len(stream), description=f"eval {split}", show=show):
             started = time.perf_counter()
             scores, maps = method.score(_on(batch, device))
             scores, maps = scores.float().cpu(), (maps.float().cpu() if maps is not None else None)
@@ -684,9 +684,9 @@ def score_volumes(method, store, stream_config, ids: list[str], batch_size: int,
     """Score ``ids`` slice by slice: their reassembled (unsmoothed) voxel score volumes and index rows.
     With ``terms`` (a dict) and a method with score terms, each volume's per-slice terms are added to it:
     ``terms[volume_id][name]`` lists (slice foreground fraction, value)."""
-    from rich.progress import track
     from torch.utils.data import DataLoader
 
+    from data_plane.progress import track
     from data_plane.volume_stream import SliceStream
 
     stream = SliceStream(store, stream_config.model_copy(update={"ids": ids}), shuffle=False).batched(batch_size)
@@ -694,7 +694,7 @@ def score_volumes(method, store, stream_config, ids: list[str], batch_size: int,
     volumes = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
     scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
     batches = DataLoader(stream, batch_size=None, num_workers=workers)
-    for batch in (track(batches, total=len(stream), description=description) if show else batches):
+    for batch in track(batches, total=len(stream), description=description, show=show):
         _, maps = method.score(_on(batch, device))
         maps = maps.float().cpu()
         if terms is not None and _has_terms(method):

@@ -22,6 +22,7 @@ import torch
 
 from core.methods.base import check_phases
 from core.schedule import StepState, growth_at
+from data_plane.progress import ProgressLines, interactive
 from trainers import checkpoint
 from trainers.averaging import NetworkEma, recompute_batchnorm, run_average
 from trainers.checkpoint import STATISTICS_FILE, load_statistics, save_final, save_statistics
@@ -265,8 +266,14 @@ class Trainer:
         until = min(until, self.total_steps)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[status]}")]
-        with Progress(*columns, disable=not (self.env.is_main and show_progress)) as bar:
+        shown = self.env.is_main and show_progress
+        # In a log file (Slurm, nohup) a live bar prints nothing until it ends: plain lines instead, one
+        # after the first step (start-up done) and one per tick, with rate and ETA; other ranks are silent.
+        lines = ProgressLines(f"train {self.config.name} step", self.total_steps, "steps", start=self.step) \
+            if shown and not interactive() else None
+        with Progress(*columns, disable=not shown or lines is not None) as bar:
             task = bar.add_task(f"train {self.config.name}", total=self.total_steps, completed=self.step, status="")
+            first = self.step
             while self.step < until:
                 if self.step == train.steps and train.swa is not None and self.period == "main":
                     self.enter_swa()
@@ -275,9 +282,14 @@ class Trainer:
                 running["tick_steps"] += 1
                 bar.update(task, completed=self.step)
                 late = False
+                if lines is not None and self.step == first + 1:
+                    lines.update(self.step, "first step done", force=True)
                 if self.step % train.log_every == 0 or self.step == self.total_steps:
                     record, late = self._tick()
-                    bar.update(task, status=" ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss")))
+                    losses = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss"))
+                    bar.update(task, status=losses)
+                    if lines is not None:
+                        lines.update(self.step, f"{record['images_per_s']:.3g} img/s {losses}", force=True)
                 if due(images_before, self.step * self.images_per_step, train.snapshot_kimg):
                     self.snapshot()
                 if late or self.step % train.checkpoint_every == 0 or self.step in (train.steps, self.total_steps):

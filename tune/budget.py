@@ -53,8 +53,7 @@ def _fold_auroc(scores: list, anomalies: set[str]) -> float:
 
 def budget_study(experiment: Path, budgets: list[int], draws: int = 20, seed: int = 0,
                  show_progress: bool = True) -> dict:
-    from rich.progress import track
-
+    from data_plane.progress import track
     from tune.folds import Folds
 
     experiment = Path(experiment)
@@ -66,8 +65,8 @@ def budget_study(experiment: Path, budgets: list[int], draws: int = 20, seed: in
                          f"found {len(trials)}")
     scores = {t.name: [json.loads((t / f"fold{f}" / "val_scores.json").read_text())["scores"] for f in range(k)]
               for t in trials}
-    tests = {t.name: trial_test_auroc(t, k) for t in (track(trials, description="test AUROC of trials")
-                                                      if show_progress else trials)}
+    tests = {t.name: trial_test_auroc(t, k) for t in track(trials, description="test AUROC of trials",
+                                                           show=show_progress)}
     group_of = dict(zip(folds.anomalies, folds.groups))
     by_group: dict[str, list[str]] = {}
     for item, group in group_of.items():

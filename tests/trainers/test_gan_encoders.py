@@ -1,7 +1,7 @@
 """pgan_enc and fanogan through the real trainer and evaluation on the sample slide's tiles: the joint
 run grows 8² -> 16² (its log records the resolutions and α), evaluation ranks L_n, L_o and their
 combination apart in metrics.json and writes reconstructions, and fanogan trains its encoder against the
-saved generator of an encoder-less run."""
+saved generator of an encoder-less run. Training's progress, printed into a pipe, is plain lines."""
 
 import json
 
@@ -23,7 +23,12 @@ def sets(store, method, options, *extra):
 def test_pgan_enc_grows_and_reports_its_score_terms_and_fanogan_inverts_a_plain_run(sample_store, tmp_path):
     growing = json.dumps({"start_resolution": 8, "target_resolution": 16, "stable_images": 16, "fade_images": 16})
     joint = tmp_path / "joint"
-    tessera("train", "--run-dir", str(joint), *sets(sample_store, "pgan_enc", GAN, f"train.growing={growing}"))
+    printed = tessera("train", "--run-dir", str(joint), *sets(sample_store, "pgan_enc", GAN, f"train.growing={growing}"))
+    # stdout is a pipe here, as in a Slurm log: plain lines after the first step and at every tick, with ETA
+    lines = [line for line in printed.splitlines() if " step: " in line]
+    assert lines[0].startswith("train ") and "step: 1/12 (8%)" in lines[0] and "first step done" in lines[0]
+    assert [line.split("step: ")[1].split("/")[0] for line in lines[1:]] == ["2", "4", "6", "8", "10", "12"]
+    assert "ETA" in lines[1] and "loss/Dmain=" in lines[1] and "img/s" in lines[1]
     records = [json.loads(line) for line in (joint / "metrics.jsonl").read_text().splitlines()]
     ticks = [(r["resolution"], r["alpha"]) for r in records if "resolution" in r]
     assert ticks[0] == (8, 1.0) and ticks[-1] == (16, 1.0) and any(0 < a < 1 for _, a in ticks)
