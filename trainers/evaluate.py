@@ -719,10 +719,12 @@ def _check_baseline_shape(volume_id: str, shape: tuple, expected: tuple | None, 
 
 
 def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int, workers: int, show: bool,
-                    device: torch.device, env=None) -> np.ndarray:
+                    device: torch.device, env=None, run_store=None) -> np.ndarray:
     """The voxel-wise mean of the smoothed score volumes of the normal volumes of split
     ``stream_config.normal_baseline``: where the model's false positives on normal anatomy recur.
 
+    The normals come from ``store`` (the one evaluated) when it holds some of that split, else from
+    ``run_store`` (the run's own training store): a store of new test volumes needs no normals of its own.
     Cached in RUN_DIR/baselines/ (written whole, then renamed) and recomputed when the weights, the
     method options, σ, the store or the split's volumes change. With several ranks each scores its share.
     """
@@ -734,6 +736,9 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
     config = stream_config.model_copy(update={"splits": [split], "labels": ["normal"], "groups": None, "ids": None,
                                               "normal_baseline": None})
     ids = sorted(set(select_volumes(volume_index(store), config)["volume_id"]))
+    if not ids and run_store is not None and store_path(run_store) != store_path(store):
+        store = run_store
+        ids = sorted(set(select_volumes(volume_index(store), config)["volume_id"]))
     if not ids:
         raise ValueError(f"normal_baseline: split '{split}' of store '{store}' has no normal volume to build "
                          "the normative score map from; name a split with normals or set it to null")
@@ -815,7 +820,8 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     show = show_progress and (env is None or env.is_main)
     baseline = None
     if stream_config.normal_baseline:
-        baseline = normal_baseline(run_dir, method, stream_config, store, batch_size, workers, show, device, env)
+        baseline = normal_baseline(run_dir, method, stream_config, store, batch_size, workers, show, device, env,
+                                   run_store=config.data.store)
     metrics, terms, slice_terms = AnomalyMetrics(), {}, {}
     names = []
     if mine:

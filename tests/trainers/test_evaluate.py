@@ -360,6 +360,23 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
         again = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=2.0,
                          normal_baseline="train")
     assert again["overall"] == based["overall"] and len(scored) == 1  # the test volumes only
+
+    # A store of the test volumes alone (no normals of split train): its baseline is the run's own, from
+    # the run's training store and its cache, so the same volumes get the same metrics.
+    test_rows = [r for r in csv.DictReader(open(manifest)) if r["split"] == "test"]
+    subset = manifest.parent / "test_only.csv"
+    with open(subset, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(test_rows[0]))
+        writer.writeheader()
+        writer.writerows(test_rows)
+    foreign = tmp_path / "test_only.zarr"
+    assert not ingest(resolve_sources([], subset), foreign, load_config(None).data, show_progress=False).failed
+    scored.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "score_volumes", lambda *a, **k: (scored.append(a[3]), real(*a, **k))[1])
+        elsewhere = evaluate(run_dir, store=str(foreign), split="test", workers=0, show_progress=False,
+                             score_smoothing=2.0, normal_baseline="train", out=tmp_path / "eval-foreign")
+    assert elsewhere["overall"] == pytest.approx(based["overall"], rel=1e-5, nan_ok=True) and len(scored) == 1
     assert not list((run_dir / "baselines").glob("*.partial*"))
 
     # Two ranks build the map from their shares of the normals (summed across ranks) and score alike.
