@@ -69,3 +69,22 @@ def test_localisation_points_at_a_planted_defect():
     outside = maps[~masks].mean()
     assert inside > 2 * outside, (float(inside), float(outside))
     assert scores.mean() > normal_scores.mean()
+
+
+def test_localise_top_maps_only_the_highest_scoring_share_of_a_batch():
+    torch.manual_seed(0)
+    options = {"net": "efficientnet_lite0", "weights": "none", "layers": ["reduction2", "reduction3"],
+               "cloner_base": 4, "lambda_dir": 1.0}
+    full = create_method("mkd", options).eval()
+    cheap = create_method("mkd", {**options, "localise_top": 0.25}).eval()
+    cheap.load_state_dict(full.state_dict())
+    images = torch.rand(8, 3, 32, 32)
+    scores, maps = full.score({"image": images})
+    cheap_scores, cheap_maps = cheap.score({"image": images})
+    torch.testing.assert_close(cheap_scores, scores)
+    top = set(scores.topk(2).indices.tolist())
+    for i in range(8):
+        if i in top:
+            torch.testing.assert_close(cheap_maps[i], maps[i])
+        else:
+            assert not cheap_maps[i].any()
