@@ -234,7 +234,9 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
              option: Optional[list[str]] = typer.Option(
                  None, "--option", help="KEY=VALUE: a method option that shapes scoring only, e.g. score=projector "
                  "(stylegan2) or refine_steps=20 (stylegan2_encoder); repeatable"),
-             out: Optional[Path] = typer.Option(None, help="Output folder; default RUN_DIR/eval-SPLIT.")) -> None:
+             out: Optional[Path] = typer.Option(None, help="Output folder; default RUN_DIR/eval-SPLIT."),
+             slide_top_fraction: float = typer.Option(0.05, min=0.0001, max=1.0, help="Tile runs: a slide's score "
+                                                      "is the mean of this top share of its tile scores.")) -> None:
     """Score a split: metrics.json, ROC/PR curves, slide heatmaps and an index.html in RUN_DIR/eval-SPLIT."""
     import json
     import os
@@ -252,7 +254,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         command += (["--store", store] if store else []) + [a for g in groups or [] for a in ("--group", g)]
         command += ["--score-smoothing", str(score_smoothing)] if score_smoothing is not None else []
         command += ["--normal-baseline", normal_baseline] if normal_baseline is not None else []
-        command += ["--options", json.dumps(options), "--out", str(out)]
+        command += ["--options", json.dumps(options), "--out", str(out), "--slide-top-fraction", str(slide_top_fraction)]
         code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
                               ).returncode
         if code:
@@ -262,7 +264,8 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
         try:
             with _WritingTo(out, store or _run_store(run_dir)):
                 result = run_eval(run_dir, store, split, groups, score_smoothing=score_smoothing,
-                                  normal_baseline=normal_baseline, options=options or None, out=out)
+                                  normal_baseline=normal_baseline, options=options or None, out=out,
+                                  slide_top_fraction=slide_top_fraction)
         except (FileNotFoundError, NotImplementedError, ValueError) as exc:
             _fail(str(exc))
     overall = result["overall"]
@@ -273,6 +276,11 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                + (f"; pixel AUROC {overall['pixel_auroc']:.3f}, AP {_with_interval(overall, 'pixel_ap')}, "
                   f"DICE {_with_interval(overall, 'dice')}" if "pixel_ap" in overall else "")
                + f" -> {out}/index.html")
+    if result.get("slides"):
+        slides = result["slides"]["overall"]
+        typer.echo(f"slides: AUROC {_with_interval(slides, 'image_auroc')} ({slides['n_normal']} normal, "
+                   f"{slides['n_anomalous']} anomalous; score = mean of each slide's top {slide_top_fraction:.0%} "
+                   f"tiles) -> {out}/slide_scores.csv")
     if result.get("generator"):
         generator = result["generator"]
         fd = next(k for k in generator if k.startswith(("FD", "FID")) and not k.endswith(" real"))

@@ -16,6 +16,7 @@ def main() -> None:
     parser.add_argument("--normal-baseline")
     parser.add_argument("--options", help="JSON: method options for scoring")
     parser.add_argument("--out")
+    parser.add_argument("--slide-top-fraction", type=float, default=0.05)
     args = parser.parse_args()
     import json
 
@@ -27,7 +28,7 @@ def main() -> None:
     evaluate(args.run_dir, args.store, args.split, args.groups, workers=args.workers, env=env, device=device,
              show_progress=env.is_main, score_smoothing=args.score_smoothing,
              normal_baseline=args.normal_baseline, options=json.loads(args.options) if args.options else None,
-             out=args.out)
+             out=args.out, slide_top_fraction=args.slide_top_fraction)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,10 @@ def _page(out: Path, run_dir: Path, metrics: dict, heatmaps: list[str]) -> None:
     rows = [row("overall", metrics["overall"])] + [row(g, v) for g, v in metrics["groups"].items()]
     rows += [row(f"score term {name} (overall)", values["overall"])
              for name, values in metrics.get("score_terms", {}).items()]
+    if "slides" in metrics:  # image columns only: a slide's pixel metrics are its tiles'
+        slides = metrics["slides"]
+        rows += [row(f"slides: {g}", {k: v for k, v in values.items() if not k.startswith(("pixel", "dice"))})
+                 for g, values in [("overall", slides["overall"]), *slides["groups"].items()]]
     images = "".join(f'<figure><img src="heatmaps/{html.escape(h)}" width="420"><figcaption>{html.escape(h)}'
                      f"</figcaption></figure>" for h in heatmaps)
     (out / "index.html").write_text(f"""<!doctype html><meta charset="utf-8"><title>tessera eval</title>
@@ -174,17 +178,22 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
                    extra: dict | None = None) -> dict:
     """Merge the ranks' shares and write metrics.json (with the eval ``settings`` that shaped the
     scores, and ``extra`` results such as a generator's FD/KD), the curves and index.html."""
-    metrics, names, terms = AnomalyMetrics(), [], {}
-    for part_metrics, part_names, part_terms in parts:
+    metrics, names, extras = AnomalyMetrics(), [], {}
+    for part_metrics, part_names, part_extras in parts:
         metrics.merge(part_metrics)
         names += part_names
-        for name, term in part_terms.items():
-            terms.setdefault(name, AnomalyMetrics()).merge(term)
+        for name, extra_metrics in part_extras.items():
+            extras.setdefault(name, AnomalyMetrics()).merge(extra_metrics)
     result = metrics.compute()
     if settings:
         result["settings"] = settings
-    if terms:  # the parts of a combined image score, each ranked on its own (pgan_enc's L_n, L_o, A)
-        result["score_terms"] = {name: term.compute() for name, term in sorted(terms.items())}
+    # the parts of a combined image score, each ranked on its own (pgan_enc's L_n, L_o, A)
+    terms = {name.split("/", 1)[1]: m.compute() for name, m in sorted(extras.items()) if name.startswith("term/")}
+    if terms:
+        result["score_terms"] = terms
+    if "slides" in extras:  # a tile run's slides, each scored from its tiles
+        result["slides"] = extras["slides"].compute()
+        _write_scores(out / "slide_scores.csv", extras["slides"])
     result.update(extra or {})
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _write_scores(out / "scores.csv", metrics)
@@ -205,9 +214,13 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
              batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
              device: torch.device | None = None, score_smoothing: float | None = None,
              normal_baseline: str | None = None, options: dict | None = None,
-             out: str | Path | None = None) -> dict | None:
+             out: str | Path | None = None, slide_top_fraction: float = 0.05) -> dict | None:
     """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs into
     ``out`` (default ``RUN_DIR/eval-SPLIT``). ``options``: method options for scoring (load_method).
+
+    Tile runs are also judged per slide (``slides`` in metrics.json, ``slide_scores.csv``): a slide's score
+    is the mean of its highest ``slide_top_fraction`` of tile scores; it is anomalous when any of its
+    tiles is (its group: theirs), normal when all are normal.
 
     ``score_smoothing`` and ``normal_baseline`` (volume runs) replace the run's
     ``data.volume_stream`` settings of those names; ``normal_baseline="none"`` turns it off.
@@ -249,7 +262,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     out = Path(out) if out is not None else run_dir / f"eval-{split}"
     heatmap = run_dir.name if out == run_dir / f"eval-{split}" else f"{run_dir.name}.{out.name}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    metrics, terms = AnomalyMetrics(), {}
+    metrics, extras = AnomalyMetrics(), {}
     names = []
     scoring, scored = 0.0, 0
     shown: dict[int, list] = {0: [], 1: []}  # the first normal and anomalous tiles, for reconstructions.png
@@ -272,7 +285,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             for i in range(len(scores)):
                 slide, target = batch["slide_id"][i], int(batch["target"][i])
                 per_slide.setdefault(slide, []).append((batch["level0_yx"][i].numpy(), float(scores[i]),
-                                                        int(batch["index"][i])))
+                                                        int(batch["index"][i]), target, batch["group"][i]))
                 if target < 0:
                     continue  # "uncertain": partly annotated, neither normal nor anomalous
                 if len(shown[target]) < 8:
@@ -283,9 +296,13 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
                             maps[i, 0].numpy() if maps is not None and has_mask else None,
                             batch["mask"][i, 0].numpy() if has_mask else None, case_id=case)
                 for name, values in parts.items():
-                    terms.setdefault(name, AnomalyMetrics()).add(float(values[i]), target, batch["group"][i],
-                                                                 case_id=case)
+                    extras.setdefault(f"term/{name}", AnomalyMetrics()).add(float(values[i]), target,
+                                                                            batch["group"][i], case_id=case)
         for slide, entries in per_slide.items():
+            label, group = slide_label([e[3] for e in entries], [e[4] for e in entries])
+            if label is not None:
+                extras.setdefault("slides", AnomalyMetrics()).add(
+                    slide_score(np.array([e[1] for e in entries]), slide_top_fraction), label, group, case_id=slide)
             rows = stream.tiles.iloc[[e[2] for e in entries]]
             footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
             write_heatmap(store, slide, heatmap, np.stack([e[0] for e in entries]), footprint,
@@ -296,9 +313,9 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     if (shown[0] or shown[1]) and (env is None or env.is_main):  # from the main rank's share
         _write_reconstructions(method, shown, device, out)
     generator = _generator_metrics(method, embedder, normal_features, env, device) if embedder is not None else None
-    parts = _gather(env, (metrics, names, terms))
+    parts = _gather(env, (metrics, names, extras))
     settings = {"method_options": options or {}, "store": str(store), "heatmap": heatmap,
-                "seconds_per_tile": scoring / max(scored, 1)}  # the main rank's scoring time, loading excluded
+                "slide_top_fraction": slide_top_fraction, "seconds_per_tile": scoring / max(scored, 1)}  # the main rank's scoring time, loading excluded
     return _write_outputs(out, run_dir, parts, settings, {"generator": generator} if generator else None) \
         if parts is not None else None
 
@@ -531,6 +548,15 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_file(bundle, out, EXPORT_FORMAT)
+
+
+def slide_label(targets: list[int], groups: list[str]) -> tuple[int | None, str]:
+    """A slide's (label, group) from its tiles': anomalous (1) when any tile is, with the most common group
+    of those tiles; normal (0) when all are normal; None when its tiles are all uncertain."""
+    anomalous = [g for t, g in zip(targets, groups) if t == 1]
+    if anomalous:
+        return 1, max(set(anomalous), key=anomalous.count)
+    return (0, "") if any(t == 0 for t in targets) else (None, "")
 
 
 def slide_score(tile_scores: np.ndarray, top_fraction: float = 0.05) -> float:
@@ -822,7 +848,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     if stream_config.normal_baseline:
         baseline = normal_baseline(run_dir, method, stream_config, store, batch_size, workers, show, device, env,
                                    run_store=config.data.store)
-    metrics, terms, slice_terms = AnomalyMetrics(), {}, {}
+    metrics, extras, slice_terms = AnomalyMetrics(), {}, {}
     names = []
     if mine:
         scores, volumes = score_volumes(method, store, stream_config, mine, batch_size, workers, show, device,
@@ -843,12 +869,12 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask,
                         case_id=volume_id)
             for name, values in slice_terms.get(volume_id, {}).items():
-                terms.setdefault(name, AnomalyMetrics()).add(
+                extras.setdefault(f"term/{name}", AnomalyMetrics()).add(
                     pooled_slice_term(values, config.data.volume_stream.min_foreground), target, row.group,
                     case_id=volume_id)
             if target == 1:
                 names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
-    parts = _gather(env, (metrics, names, terms))
+    parts = _gather(env, (metrics, names, extras))
     settings = {"score_smoothing": stream_config.score_smoothing, "normal_baseline": stream_config.normal_baseline}
     return _write_outputs(out, run_dir, parts, settings) if parts is not None else None
 

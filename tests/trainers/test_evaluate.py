@@ -68,6 +68,26 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
         assert pixels["histograms"].shape == (len(pixels["ids"]), 2, 1024)
         assert pixels["histograms"][pixels["labels"] == 1, 1].sum() > 0  # anomalous voxels of anomalous tiles
 
+    # Slide-level results: one score per test slide, the mean of its top 5 % tiles (at least one), labelled
+    # anomalous when any tile is, in its tiles' group.
+    from trainers.evaluate import slide_label, slide_score
+
+    slides = saved["slides"]
+    assert (slides["overall"]["n_normal"], slides["overall"]["n_anomalous"]) == (1, len(SLIDE_GROUPS))
+    assert set(slides["groups"]) == set(SLIDE_GROUPS) and saved["settings"]["slide_top_fraction"] == 0.05
+    with open(out / "slide_scores.csv", newline="") as f:
+        per_slide = {r["id"]: r for r in csv.DictReader(f)}
+    tiles = {}
+    for r in rows:
+        tiles.setdefault(r["id"].split("@")[0], []).append(float(r["score"]))
+    for slide, row in per_slide.items():
+        assert float(row["score"]) == pytest.approx(slide_score(np.array(tiles[slide]), 0.05))
+        assert float(row["score"]) <= max(tiles[slide])
+    assert per_slide["test_normal"]["label"] == "0" and per_slide["test_he_tissue"]["group"] == "he_tissue"
+    assert "slides: overall" in (out / "index.html").read_text()
+    assert slide_label([0, -1, 1, 1], ["", "", "b", "b"]) == (1, "b") and slide_label([-1], [""]) == (None, "")
+    assert slide_label([0, 0], ["", ""]) == (0, "")
+
 
 def test_eval_of_one_group_keeps_the_normal_tiles(trained, tmp_path):
     import math
