@@ -56,7 +56,7 @@ def contaminated(count: int, fraction: float, seed: int) -> list[int]:
 
 def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 2, seed: int = 0,
                          show_progress: bool = True, val_anomalous: int = 0, val_normal: int = 0,
-                         contaminate: float = 0.0) -> Path:
+                         contaminate: float = 0.0, workers: int = 1) -> Path:
     """Write the benchmark into ``out``; returns the manifest CSV. ``val_anomalous`` more subjects, with
     outliers, form a ``val`` split: the few known anomalies a weakly-supervised search chooses by;
     ``val_normal`` more normal subjects join it, so evaluation settings (a volume score's reduction,
@@ -65,11 +65,12 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
 
     ``contaminate`` P: a share P of the training subjects carry an outlier (MOOD's kinds in turn) while
     still labelled normal, without a mask: training data that is not anomaly-free, as real data is. The
-    test and val subjects are unchanged; ``contamination.json`` lists the contaminated subjects."""
-    import nibabel
-    import torch
+    test and val subjects are unchanged; ``contamination.json`` lists the contaminated subjects.
+
+    ``workers`` > 1 makes subjects in that many processes: each subject has its own seeds, so the files
+    are the same as with one."""
     from nilearn import datasets
-    from core.anomalies import OUTLIER_KINDS, mood_outlier
+
     from data_plane.progress import track
 
     out = Path(out)
@@ -77,51 +78,85 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     (out / "labels").mkdir(exist_ok=True)
     template = datasets.load_mni152_template(resolution=resolution)
     brain = datasets.load_mni152_brain_mask(resolution=resolution)
-    affine = template.affine
-    t1 = np.asarray(template.dataobj, np.float32)
-    brain_mask = np.asarray(brain.dataobj, np.float32) > 0.5
-    n_train, n_test_normal, _ = split_counts(subjects)
-    dirty = contaminated(n_train, contaminate, seed)
-    rows = []
-    examples = {}
+    shared = {"t1": np.asarray(template.dataobj, np.float32), "brain": np.asarray(brain.dataobj, np.float32) > 0.5,
+              "affine": template.affine, "out": out, "seed": seed, "subjects": subjects,
+              "val_anomalous": val_anomalous, "counts": split_counts(subjects)}
+    shared["dirty"] = contaminated(shared["counts"][0], contaminate, seed)
     steps = range(subjects + val_anomalous + val_normal)
-    for i in track(steps, description="brain subjects", show=show_progress):
-        sample = _subject_transform(seed * 100_003 + i)({"image": t1[None], "brain": brain_mask[None].astype(np.float32)})
-        image = torch.as_tensor(sample["image"]).float()
-        foreground = torch.as_tensor(sample["brain"])[0] > 0.5
-        inside = image[0][foreground]
-        low, high = torch.quantile(inside, 0.005), torch.quantile(inside, 0.995)
-        image = ((image - low) / (high - low)).clamp(0, 1) * foreground  # [0, 1], background 0
-        name = f"subject_{i:03d}"
-        split, label, group = "train", "normal", ""
-        mask = None
-        if i >= n_train:
-            split = "test" if i < subjects else "val"
-            mask = torch.zeros_like(foreground)
-            if n_train + n_test_normal <= i < subjects + val_anomalous:
-                first = n_train + n_test_normal if i < subjects else subjects
-                label, group = "anomalous", OUTLIER_KINDS[(i - first) % len(OUTLIER_KINDS)]
-                rng = np.random.default_rng((seed, i))
-                image, mask = mood_outlier(image, group, rng, foreground=foreground, radius_range=(0.08, 0.18))
-                examples.setdefault(group, (image[0].numpy(), mask.numpy()))
-        elif i in dirty:  # an unlabelled outlier in a training subject
-            kind = OUTLIER_KINDS[dirty.index(i) % len(OUTLIER_KINDS)]
-            image, _ = mood_outlier(image, kind, np.random.default_rng((seed, i, 0xC0)), foreground=foreground,
-                                    radius_range=(0.08, 0.18))
-        path = out / "images" / f"{name}.nii.gz"
-        nibabel.Nifti1Image(image[0].numpy().astype(np.float32), affine).to_filename(path)
-        mask_path = ""
-        if mask is not None:
-            mask_path = out / "labels" / f"{name}.nii.gz"
-            nibabel.Nifti1Image(mask.numpy().astype(np.uint8), affine).to_filename(mask_path)
-            mask_path = str(mask_path.relative_to(out))
-        rows.append({"path": str(path.relative_to(out)), "label": label, "split": split, "mask": mask_path,
-                     "group": group})
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: torch and MONAI in the parent may hold threads that a forked child inherits locked
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_shared, initargs=(shared,)) as pool:
+            made = list(track(pool.map(_make_subject, steps), total=len(steps), description="brain subjects",
+                              show=show_progress))
+    else:
+        _set_shared(shared)
+        made = [_make_subject(i) for i in track(steps, description="brain subjects", show=show_progress)]
+    rows = [row for row, _ in made]
+    examples = {}
+    for _, example in made:
+        if example is not None:
+            examples.setdefault(example[0], example[1:])
     manifest = write_manifest(out / "manifest.csv", rows)
-    _write_contamination(out, contaminate, [rows[i]["path"] for i in dirty])
+    _write_contamination(out, contaminate, [rows[i]["path"] for i in shared["dirty"]])
     if examples:
         montage(examples, out / "montage.png")
     return manifest
+
+
+_SHARED: dict = {}
+
+
+def _set_shared(shared: dict) -> None:
+    _SHARED.update(shared)
+
+
+def _make_subject(i: int) -> tuple[dict, tuple | None]:
+    """Subject i of the benchmark in ``_SHARED``'s settings, written; (its manifest row, (kind, image,
+    mask) of an anomalous subject for the montage, else None)."""
+    import nibabel
+    import torch
+
+    from core.anomalies import OUTLIER_KINDS, mood_outlier
+
+    shared = _SHARED
+    seed, subjects, out, dirty = shared["seed"], shared["subjects"], shared["out"], shared["dirty"]
+    n_train, n_test_normal, _ = shared["counts"]
+    sample = _subject_transform(seed * 100_003 + i)({"image": shared["t1"][None],
+                                                     "brain": shared["brain"][None].astype(np.float32)})
+    image = torch.as_tensor(sample["image"]).float()
+    foreground = torch.as_tensor(sample["brain"])[0] > 0.5
+    inside = image[0][foreground]
+    low, high = torch.quantile(inside, 0.005), torch.quantile(inside, 0.995)
+    image = ((image - low) / (high - low)).clamp(0, 1) * foreground  # [0, 1], background 0
+    name = f"subject_{i:03d}"
+    split, label, group = "train", "normal", ""
+    mask, example = None, None
+    if i >= n_train:
+        split = "test" if i < subjects else "val"
+        mask = torch.zeros_like(foreground)
+        if n_train + n_test_normal <= i < subjects + shared["val_anomalous"]:
+            first = n_train + n_test_normal if i < subjects else subjects
+            label, group = "anomalous", OUTLIER_KINDS[(i - first) % len(OUTLIER_KINDS)]
+            rng = np.random.default_rng((seed, i))
+            image, mask = mood_outlier(image, group, rng, foreground=foreground, radius_range=(0.08, 0.18))
+            example = (group, image[0].numpy(), mask.numpy())
+    elif i in dirty:  # an unlabelled outlier in a training subject
+        kind = OUTLIER_KINDS[dirty.index(i) % len(OUTLIER_KINDS)]
+        image, _ = mood_outlier(image, kind, np.random.default_rng((seed, i, 0xC0)), foreground=foreground,
+                                radius_range=(0.08, 0.18))
+    path = out / "images" / f"{name}.nii.gz"
+    nibabel.Nifti1Image(image[0].numpy().astype(np.float32), shared["affine"]).to_filename(path)
+    mask_path = ""
+    if mask is not None:
+        mask_path = out / "labels" / f"{name}.nii.gz"
+        nibabel.Nifti1Image(mask.numpy().astype(np.uint8), shared["affine"]).to_filename(mask_path)
+        mask_path = str(mask_path.relative_to(out))
+    return {"path": str(path.relative_to(out)), "label": label, "split": split, "mask": mask_path,
+            "group": group}, example
 
 
 def _write_contamination(out: Path, fraction: float, paths: list[str]) -> None:

@@ -583,12 +583,14 @@ def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfT
                                                                             "'val' split (known anomalies for tune)."),
                          val_normal: int = typer.Option(0, min=0, help="Extra normal subjects in the 'val' split "
                                                                          "(to choose eval settings by a val AUROC)."),
-                         contaminate: float = typer.Option(0.0, min=0.0, max=0.99, help=CONTAMINATE_HELP)) -> None:
+                         contaminate: float = typer.Option(0.0, min=0.0, max=0.99, help=CONTAMINATE_HELP),
+                         workers: int = typer.Option(1, min=1, help="Processes making subjects (the same files "
+                                                                     "as with 1).")) -> None:
     """Brain MRI subjects from the MNI152 template, with MOOD's five outlier kinds in the test split."""
     from data_plane.benchmarks import make_brain_benchmark, split_counts
 
     manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous, val_normal=val_normal,
-                                    contaminate=contaminate)
+                                    contaminate=contaminate, workers=workers)
     train, normal, anomalous = split_counts(subjects)
     typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous"
                f"{f', {val_anomalous} val anomalous' if val_anomalous else ''}"

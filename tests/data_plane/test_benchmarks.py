@@ -62,3 +62,20 @@ def test_slide_contamination_alters_training_tiles_only(tmp_path, sample_data):
             assert changed.sum() == len(json.loads((dirty.parent / "contamination.json").read_text())["items"]) > 0
         else:
             assert np.array_equal(a, b)
+
+
+def test_brain_subjects_made_in_two_processes_are_the_same_files(tmp_path):
+    from data_plane.benchmarks import make_brain_benchmark
+
+    one = make_brain_benchmark(tmp_path / "one", subjects=6, resolution=2, seed=2, show_progress=False,
+                               contaminate=0.4)
+    two = make_brain_benchmark(tmp_path / "two", subjects=6, resolution=2, seed=2, show_progress=False,
+                               contaminate=0.4, workers=2)
+    rows = list(csv.DictReader(open(one)))
+    assert rows == list(csv.DictReader(open(two)))
+    for row in rows:
+        for key in ("path", "mask"):
+            if row[key]:
+                a = np.asarray(nibabel.load(one.parent / row[key]).dataobj)
+                assert np.array_equal(a, np.asarray(nibabel.load(two.parent / row[key]).dataobj)), row[key]
+    assert (two.parent / "montage.png").is_file()
