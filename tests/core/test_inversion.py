@@ -85,7 +85,7 @@ def test_stylegan2_scores_by_projection_with_maps(gan):
     scores, maps = projecting.score({"image": torch.rand(2, 3, 16, 16)})
     assert scores.shape == (2,) and maps.shape == (2, 1, 16, 16) and torch.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() < 1  # the pixel metrics clip to [0, 1]
-    with pytest.raises(FileNotFoundError, match="no StyleGAN2 weights"):
+    with pytest.raises(FileNotFoundError, match="method.options.generator: no weights at .*finished stylegan2 run"):
         create_method("stylegan2_encoder", {"generator": "/nonexistent/run"})
 
 
