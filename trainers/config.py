@@ -63,9 +63,9 @@ class TrainConfig(StrictConfig):
     zero_stage: int = Field(0, ge=0, le=2)            # DeepSpeed ZeRO stage; 0 = plain data parallel (fastest
                                                       # for these small convnets), 1/2 shard optimiser state/gradients
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed", "fp16"] = "auto"  # auto: bf16 on GPUs that have it,
-                                                      # else fp32. bf16: DeepSpeed's (bf16 weights, fp32 master
-                                                      # copy); bf16-mixed: fp32 weights, forward under
-                                                      # torch.autocast bf16 (also on CPUs with AVX512-BF16/AMX)
+                                                      # bf16-mixed on CPUs with AVX512-BF16/AMX, else fp32.
+                                                      # bf16: DeepSpeed's (bf16 weights, fp32 master copy);
+                                                      # bf16-mixed: fp32 weights, forward under torch.autocast bf16
     groups: dict[str, GroupConfig] = {}               # per-group optimiser overrides, by the method's group names
     ema: float | None = Field(None, gt=0, lt=1)       # keep an exponential moving average of weights (decay, e.g.
                                                       # 0.999); final.pt then holds the average

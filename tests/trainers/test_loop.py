@@ -186,3 +186,27 @@ def test_a_killed_launcher_takes_its_ranks_and_a_live_run_keeps_its_lock(sample_
     resumed = run(train_command(sample_store, run_dir, resume=True) + ["--set", f"train.steps={step + 2}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from step{step:08d}" in (run_dir / "log.txt").read_text()
+
+
+def test_auto_precision_uses_bf16_only_where_the_hardware_runs_it(monkeypatch, tmp_path):
+    import builtins
+
+    import trainers.engines as engines
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real_open = builtins.open
+
+    def cpuinfo(flags):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        return lambda path, *a, **k: real_open(tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k)
+
+    for flags, expected in (("avx2 avx512f", "fp32"), ("avx512f avx512_bf16", "bf16-mixed"),
+                            ("amx_tile amx_bf16", "bf16-mixed")):
+        monkeypatch.setattr(builtins, "open", cpuinfo(flags))
+        assert engines.resolve_precision("auto") == expected, flags
+    assert engines.resolve_precision("fp32") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert engines.resolve_precision("auto") == "fp32"  # an old GPU: no bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert engines.resolve_precision("auto") == "bf16"
