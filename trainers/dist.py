@@ -52,6 +52,12 @@ class DistEnv:
             torch.cuda.set_device(self.local_rank)
             deepspeed.init_distributed(dist_backend="nccl", **kwargs)
             return torch.device("cuda", self.local_rank)
+        if self.world_size == 1:
+            # DeepSpeed builds its shared-memory allreduce op (ninja, minutes with an empty extension cache)
+            # whenever it starts on a CPU; a lone rank has no peer to share memory with, so skip it
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo", **kwargs)
         return torch.device("cpu")
 

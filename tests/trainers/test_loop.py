@@ -210,3 +210,17 @@ def test_auto_precision_uses_bf16_only_where_the_hardware_runs_it(monkeypatch, t
     assert engines.resolve_precision("auto") == "fp32"  # an old GPU: no bf16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert engines.resolve_precision("auto") == "bf16"
+
+
+def test_a_lone_cpu_rank_builds_no_deepspeed_op_and_prints_its_first_step(sample_store, tmp_path):
+    """With an empty extension cache (a fresh machine, TORCH_EXTENSIONS_DIR unset) DeepSpeed would spend
+    minutes compiling its shared-memory allreduce, which one process never uses."""
+    extensions = tmp_path / "extensions"
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": str(extensions)}
+    done = subprocess.run(train_command(sample_store, tmp_path / "run", "train.steps=2", nproc=1), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "built successfully" not in done.stdout + done.stderr
+    assert not extensions.exists() or not any(extensions.rglob("*.so"))
+    assert "step: 1/2 (50%)" in done.stdout and "first step done" in done.stdout
