@@ -57,7 +57,8 @@ def train_and_evaluate(config, name: str, path: Path) -> tuple[Path, dict, list[
     run_dir = create_run_dir(config, name, path=path).path
     train_run(run_dir, resume=False)
     overall = evaluate(run_dir, split="test")["overall"]
-    return run_dir, overall, sorted((run_dir / "eval-test" / "heatmaps").glob("*.png"))
+    figures = (run_dir / "eval-test" / "heatmaps").glob("*.png")
+    return run_dir, overall, sorted(p for p in figures if not p.name.endswith(".pixels.png"))
 
 
 def _synthetic_grid(store, name: str, out: Path) -> Path:

@@ -204,6 +204,9 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
     return result
 
 
+PIXEL_MAP_SIDE = 16  # heat pixels per tile edge in a slide's stitched pixel-map heatmap
+
+
 @torch.no_grad()
 def _with_normals(groups: list[str] | None) -> list[str] | None:
     """The groups to score: the chosen anomaly groups and the normal items' (no group, "")."""
@@ -228,11 +231,13 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
     heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
     """
+    import torch.nn.functional as F
+    import zarr
     from torch.utils.data import DataLoader
 
     from data_plane.heatmap import render_overlay, write_heatmap
     from data_plane.progress import track
-    from data_plane.store import read_tile_index
+    from data_plane.store import read_tile_index, store_path
     from data_plane.stream import TileStream, select_tiles
     from tessera.config import load_config
 
@@ -282,10 +287,15 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
                 if _has_terms(method) else {}
             if embedder is not None and (batch["target"] == 0).any():
                 normal_features.append(embedder(batch["image"][batch["target"] == 0].to(device)).cpu())
+            # each tile's pixel map, shrunk to PIXEL_MAP_SIDE² for the slide's stitched pixel heatmap (whole
+            # tiles only: a centre crop's map would not cover its tile)
+            small = F.interpolate(maps, size=(PIXEL_MAP_SIDE,) * 2, mode="area")[:, 0].numpy() \
+                if maps is not None and test_crop == "none" else None
             for i in range(len(scores)):
                 slide, target = batch["slide_id"][i], int(batch["target"][i])
                 per_slide.setdefault(slide, []).append((batch["level0_yx"][i].numpy(), float(scores[i]),
-                                                        int(batch["index"][i]), target, batch["group"][i]))
+                                                        int(batch["index"][i]), target, batch["group"][i],
+                                                        small[i] if small is not None else None))
                 if target < 0:
                     continue  # "uncertain": partly annotated, neither normal nor anomalous
                 if len(shown[target]) < 8:
@@ -310,6 +320,14 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             render_overlay(store, slide, out / "heatmaps" / f"{slide}.png", heatmap=heatmap,
                            title=f"{slide}: {method.method_name} scores")
             names.append(f"{slide}.png")
+            if entries[0][5] is not None:  # the method localises: its pixel maps stitched, finer than tiles
+                info = zarr.open_group(str(store_path(store) / "slides" / slide), mode="r").attrs["tessera"]
+                downsample = max(1, int(footprint // PIXEL_MAP_SIDE), -(-max(info["level0_shape"]) // 8192))
+                write_heatmap(store, slide, f"{heatmap}-pixels", np.stack([e[0] for e in entries]), footprint,
+                              maps=np.stack([e[5] for e in entries]), downsample=downsample)
+                render_overlay(store, slide, out / "heatmaps" / f"{slide}.pixels.png", heatmap=f"{heatmap}-pixels",
+                               title=f"{slide}: {method.method_name} pixel maps")
+                names.append(f"{slide}.pixels.png")
     if (shown[0] or shown[1]) and (env is None or env.is_main):  # from the main rank's share
         _write_reconstructions(method, shown, device, out)
     generator = _generator_metrics(method, embedder, normal_features, env, device) if embedder is not None else None

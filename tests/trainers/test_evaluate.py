@@ -51,7 +51,17 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
     for name in ("roc.png", "pr.png", "index.html"):
         assert (out / name).stat().st_size > 1000
     heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
-    assert "test_normal.png" in heatmaps and len(heatmaps) == 2 + len(SLIDE_GROUPS) - 1  # no train slide
+    tiles_maps = [h for h in heatmaps if not h.endswith(".pixels.png")]
+    assert "test_normal.png" in heatmaps and len(tiles_maps) == 2 + len(SLIDE_GROUPS) - 1  # no train slide
+    # the autoencoder localises: its pixel maps stitched per slide too, 16 heat pixels per tile edge
+    assert sorted(h for h in heatmaps if h.endswith(".pixels.png")) == [h[:-4] + ".pixels.png" for h in tiles_maps]
+    import numpy as np
+
+    from data_plane.heatmap import read_heatmap
+
+    tile_heat, tile_downsample = read_heatmap(store, "test_he_tissue", run_dir.name)
+    pixel_heat, pixel_downsample = read_heatmap(store, "test_he_tissue", f"{run_dir.name}-pixels")
+    assert pixel_downsample == 128 // 16 < tile_downsample and np.isfinite(pixel_heat).sum() > np.isfinite(tile_heat).sum()
     assert "image AUROC" in (out / "index.html").read_text()
     assert (store / "slides" / "test_normal" / "heatmaps" / run_dir.name / "zarr.json").is_file()
     assert overall["image_auroc_low"] <= overall["image_auroc"] <= overall["image_auroc_high"]
