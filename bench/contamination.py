@@ -48,11 +48,23 @@ def growing(steps: int, batch: int = 16) -> str:
     return json.dumps({"start_resolution": 8, "target_resolution": 32, "stable_images": stage, "fade_images": stage})
 
 
+def train(run_dir: Path, recipe: str, *overrides: str) -> None:
+    """Train ``run_dir`` unless finished: resumed from its last checkpoint, or started again when it was
+    stopped before its first (nothing of it is worth keeping)."""
+    if (run_dir / "final.pt").is_file():
+        return
+    if (run_dir / "checkpoints" / "latest.json").is_file():
+        tessera("train", "--run-dir", str(run_dir), "--resume")
+        return
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    tessera("train", str(ROOT / recipe), "--run-dir", str(run_dir), *sets(*overrides))
+
+
 def train_and_eval(run_dir: Path, recipe: str, *overrides: str) -> dict:
-    if not (run_dir / "final.pt").is_file():
-        resume = ["--resume"] if (run_dir / "latest.json").is_file() or (run_dir / "checkpoints").is_dir() else []
-        tessera("train", *([] if resume else [str(ROOT / recipe)]), "--run-dir", str(run_dir), *resume,
-                *([] if resume else sets(*overrides)))
+    train(run_dir, recipe, *overrides)
     metrics = run_dir / "eval-test" / "metrics.json"
     if not metrics.is_file():
         tessera("eval", str(run_dir))
@@ -72,10 +84,7 @@ def one_fraction(out: Path, fraction: float, args) -> dict:
            f"train.checkpoint_every={max(args.steps // 4, 1)}")
     results = {"pgan_enc": train_and_eval(folder / "pgan_enc", "configs/pgan_enc_slide_cpu.yaml", *gan)}
     plain = folder / "pgan_plain"
-    if not (plain / "final.pt").is_file():
-        resume = (plain / "checkpoints").is_dir()
-        tessera("train", *([] if resume else [str(ROOT / "configs/pgan_enc_slide_cpu.yaml")]), "--run-dir", str(plain),
-                *(["--resume"] if resume else sets(*gan, "method.options.encoder_loss=none")))
+    train(plain, "configs/pgan_enc_slide_cpu.yaml", *gan, "method.options.encoder_loss=none")
     results["fanogan"] = train_and_eval(
         folder / "fanogan", "configs/pgan_enc_slide_cpu.yaml", *common, "method.name=fanogan",
         f"method.options={{generator: {plain}}}", "train.growing=null", f"train.steps={args.encoder_steps}",
@@ -164,8 +173,7 @@ def latent_figure(run_dir: Path, store: Path, path: Path, fraction: float) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data_plane.store import read_tile_index
-    from data_plane.stream import TileStream, select_tiles
+    from data_plane.stream import TileStream
     from tessera.config import load_config
     from trainers.evaluate import load_method
 
@@ -173,7 +181,6 @@ def latent_figure(run_dir: Path, store: Path, path: Path, fraction: float) -> No
     method, _ = load_method(run_dir)
     stream_config = config.data.stream.model_copy(update={"splits": ["test"], "crop": "none", "augment": "none",
                                                           "labels": ["normal", "anomalous"]})
-    assert len(select_tiles(read_tile_index(store), stream_config))
     codes, labels = [], []
     with torch.no_grad():
         for batch in TileStream(store, stream_config, shuffle=False).batched(32):

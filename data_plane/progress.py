@@ -32,7 +32,7 @@ class ProgressLines:
         self.description, self.total, self.unit, self.start = description, total, unit, start
         self.every_seconds, self.stream = every_seconds, stream or sys.stdout
         self.started = self.last_time = time.perf_counter()
-        self.last_tenth, self.done = -1, 0
+        self.last_tenth = -1
 
     def line(self, done: int, extra: str = "") -> str:
         elapsed = time.perf_counter() - self.started
@@ -46,7 +46,6 @@ class ProgressLines:
         return text + (f"; {extra}" if extra else "")
 
     def update(self, done: int, extra: str = "", force: bool = False) -> None:
-        self.done = done
         now = time.perf_counter()
         tenth = int(10 * done / self.total) if self.total else -1
         if force or tenth > self.last_tenth or now - self.last_time >= self.every_seconds:

@@ -16,26 +16,22 @@ def resolve_precision(precision: str) -> str:
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16-mixed" if cpu_bf16_flags() else "fp32"
-
-
-def cpu_bf16_flags() -> bool:
-    """Whether the CPU announces AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo; elsewhere: no)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = {word for line in f if line.startswith("flags") for word in line.split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return "bf16-mixed" if native_cpu_bf16() else "fp32"
 
 
 def native_cpu_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX). The check is private torch API,
-    so if it is missing the answer is yes (no warning)."""
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX-BF16): its /proc/cpuinfo flags on Linux,
+    elsewhere oneDNN's own check (private torch API; if it is missing, no)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split()}
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        return True
+        return False
 
 
 def own_clipping(train: TrainConfig, precision: str) -> bool:

@@ -136,10 +136,15 @@ def _gather(env, part):
     return parts if env.is_main else None
 
 
-def _has_terms(method) -> bool:
+def _scored(method, batch: dict) -> tuple:
+    """(image scores, pixel maps or None, {term: scores} on the CPU: {} for a method without terms)."""
     from core.methods.base import Method
 
-    return isinstance(method, Method) and type(method).score_terms is not Method.score_terms
+    if isinstance(method, Method) and type(method).score_terms is not Method.score_terms:
+        scores, maps, terms = method.score_with_terms(batch)
+        return scores, maps, {name: values.float().cpu() for name, values in terms.items()}
+    scores, maps = method.score(batch)
+    return scores, maps, {}
 
 
 def _on(batch: dict, device: torch.device) -> dict:
@@ -280,11 +285,9 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         show = show_progress and (env is None or env.is_main)
         for batch in track(batches, total=len(stream), description=f"eval {split}", show=show):
             started = time.perf_counter()
-            scores, maps = method.score(_on(batch, device))
+            scores, maps, parts = _scored(method, _on(batch, device))
             scores, maps = scores.float().cpu(), (maps.float().cpu() if maps is not None else None)
             scoring, scored = scoring + time.perf_counter() - started, scored + len(scores)
-            parts = {k: v.float().cpu() for k, v in method.score_terms(_on(batch, device)).items()} \
-                if _has_terms(method) else {}
             if embedder is not None and (batch["target"] == 0).any():
                 normal_features.append(embedder(batch["image"][batch["target"] == 0].to(device)).cpu())
             # each tile's pixel map, shrunk to PIXEL_MAP_SIDE² for the slide's stitched pixel heatmap (whole
@@ -739,11 +742,11 @@ def score_volumes(method, store, stream_config, ids: list[str], batch_size: int,
     scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
     batches = DataLoader(stream, batch_size=None, num_workers=workers)
     for batch in track(batches, total=len(stream), description=description, show=show):
-        _, maps = method.score(_on(batch, device))
+        _, maps, parts = _scored(method, _on(batch, device))
         maps = maps.float().cpu()
-        if terms is not None and _has_terms(method):
+        if terms is not None and parts:
             foreground = (batch["image"] != 0).flatten(1).float().mean(1)
-            for name, values in method.score_terms(_on(batch, device)).items():
+            for name, values in parts.items():
                 for i, volume_id in enumerate(batch["volume_id"]):
                     terms.setdefault(volume_id, {}).setdefault(name, []).append((float(foreground[i]),
                                                                                  float(values[i])))

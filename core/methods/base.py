@@ -23,6 +23,7 @@ checkpoints, and calls only what is named here:
 - ``sample_score(voxel_scores)`` a volume's score from its voxel map (default: the mean of the top 0.1 %),
 - ``score_terms(batch)``          the named parts of a combined image score (``{name: [B]}``, each higher =
                                 more anomalous); evaluation ranks each on its own (metrics.json "score_terms"),
+                                through ``score_with_terms`` (scores, maps and terms from one forward),
 - ``reconstruction(images)``    what the method rebuilds of tiles in [0, 1], for evaluation's
                                 reconstructions.png (None: it does not reconstruct),
 - ``generated(count, first_seed)``  a generator's images in [0, 1] from seeds first_seed… (None: not a
@@ -114,6 +115,12 @@ class Method(nn.Module):
         """``{name: image scores [B]}``: parts of the image score worth ranking alone; {} when none (then
         evaluation does not call it)."""
         return {}
+
+    def score_with_terms(self, batch: dict):
+        """``score(batch)`` and ``score_terms(batch)`` as one triple; what evaluation calls for a method with
+        terms. A method overrides it when both come from one forward pass (then it runs once)."""
+        scores, maps = self.score(batch)
+        return scores, maps, self.score_terms(batch)
 
     def reconstruction(self, images: torch.Tensor) -> torch.Tensor | None:
         return None

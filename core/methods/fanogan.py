@@ -37,7 +37,7 @@ class FAnoGAN(ProgressiveGANEncoder):
     Config = FAnoGANConfig
 
     def __init__(self, config: FAnoGANConfig):
-        torch.nn.Module.__init__(self)
+        torch.nn.Module.__init__(self)  # not pgan_enc's __init__: G and D come trained from the generator run
         self.config = c = config
         gan = load_trained(c.generator, ("pgan_enc",), "method.options.generator")
         g = gan.config

@@ -82,6 +82,9 @@ def resized(images: torch.Tensor, resolution: int) -> torch.Tensor:
                          else "bilinear", align_corners=None if images.shape[-1] > resolution else False)
 
 
+TERMS = ("combined", "residual", "latent_norm")
+
+
 @register_method("pgan_enc")
 class ProgressiveGANEncoder(Method):
     Config = ProgressiveGANConfig
@@ -205,15 +208,19 @@ class ProgressiveGANEncoder(Method):
         return {"code": code, "rebuilt": ((rebuilt + 1) / 2).clamp(0, 1),
                 **score_terms(x, rebuilt, code, self.config.score_lambda)}
 
-    def score_terms(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.inverted(batch["image"])
-        return {name: out[name] for name in ("combined", "residual", "latent_norm")}
-
-    def score(self, batch: dict):
+    def score_with_terms(self, batch: dict):
+        """The chosen image score, the residual map at the input's size and all three terms, from one
+        inversion."""
         images = batch["image"]
         out = self.inverted(images)
         maps = resized(out["map"], images.shape[-1]) if images.shape[-2:] != out["map"].shape[-2:] else out["map"]
-        return out[self.config.score].float(), maps.float()
+        return out[self.config.score].float(), maps.float(), {name: out[name] for name in TERMS}
+
+    def score_terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.score_with_terms(batch)[2]
+
+    def score(self, batch: dict):
+        return self.score_with_terms(batch)[:2]
 
     def reconstruction(self, images: torch.Tensor) -> torch.Tensor:
         return resized(self.inverted(images)["rebuilt"], images.shape[-1])

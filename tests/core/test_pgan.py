@@ -113,6 +113,12 @@ def test_pgan_enc_learns_normal_texture_and_scores_squares_above_normals():
     torch.testing.assert_close(terms["residual"], scores[0])
     _, maps = method.score({"image": anomalous})
     assert maps.shape == (64, 1, 16, 16)
+    # evaluation gets scores, maps and terms from one inversion
+    calls = []
+    real = method.inverted
+    method.inverted = lambda images: (calls.append(1), real(images))[1]
+    together = method.score_with_terms({"image": normal})
+    assert len(calls) == 1 and torch.equal(together[0], scores[0]) and torch.equal(together[2]["residual"], scores[0])
 
 
 def test_fanogan_trains_only_its_encoder_against_a_frozen_generator(tmp_path):
