@@ -10,7 +10,9 @@ scores can be written back in the input's grid (MOOD's contract).
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +134,13 @@ def _load(path: Path, what: str, nonfinite: str = "error"):
     if path.is_dir():
         check_dicom_series(path)
     reader = "PydicomReader" if path.is_dir() else "NibabelReader"
+    # MONAI announces, at every load, that the optional GPU DICOM decoder (nvImageCodec) is absent and
+    # that it falls back to pydicom's decoders: the normal case, not something a user should act on
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     try:
-        image = LoadImage(image_only=True, ensure_channel_first=False, reader=reader)(str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*", category=UserWarning)
+            image = LoadImage(image_only=True, ensure_channel_first=False, reader=reader)(str(path))
     except Exception as exc:
         hint = "corrupt or truncated gzip?" if path.name.endswith(".gz") else "corrupt or not a volume?"
         raise IngestError(f"{what} '{path.name}' could not be read ({hint}): {type(exc).__name__}: {exc}") from exc
@@ -149,7 +156,7 @@ def _load(path: Path, what: str, nonfinite: str = "error"):
         import torch
 
         image = torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)  # a MetaTensor: the affine stays
-    image = Orientation(axcodes="RAS")(image[None])
+    image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image[None])
     return image, original_affine, shape, nonfinite_count
 
 

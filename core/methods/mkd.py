@@ -77,6 +77,11 @@ def _opening(maps: torch.Tensor) -> torch.Tensor:
     return neighbourhood(neighbourhood(maps).amin(dim=0)).amax(dim=0)
 
 
+def _default_map_scale(state_dict, prefix, *args) -> None:
+    """Weights saved before ``map_scale`` existed load with it unset (-1)."""
+    state_dict.setdefault(prefix + "map_scale", torch.tensor(-1.0))
+
+
 @register_method("mkd")
 class MultiresolutionKnowledgeDistillation(Method):
     uses_statistics = True  # statistics() once per run, from the training stream
@@ -88,11 +93,17 @@ class MultiresolutionKnowledgeDistillation(Method):
         layers: list[str] | None = None               # critical points; None: the net's default (VGG: pool1-4)
         cloner_base: int = Field(16, ge=4)            # cloner channels in its first block, doubling per halving
         lambda_dir: float | None = Field(None, ge=0)  # weight of L_dir; None: L_val/L_dir of the untrained cloner
-        localisation: Literal["gradient", "smoothgrad"] = "gradient"
+        localisation: Literal["gradient", "smoothgrad", "discrepancy"] = "gradient"  # discrepancy: the
+                                                      # critical points' local discrepancy maps upsampled and
+                                                      # summed (no backward pass: as cheap as the score)
         smoothgrad_samples: int = Field(8, ge=1)      # noisy copies averaged by SmoothGrad
         smoothgrad_sigma: float = Field(0.1, gt=0)    # their noise, as a share of the image's value range
         blur_sigma: float = Field(4.0, ge=0)          # Gaussian blur of the gradient map (0: none)
         opening: bool = True                          # morphological opening with a 3×3 ellipse
+        image_pooling: Literal["mean", "top"] = "mean"  # image score from each critical point's discrepancy
+                                                        # map: its mean (the paper), or the mean of its highest
+        pooling_top: float = Field(0.1, gt=0, le=1)     # share of positions ('top'): a disc covering a tenth
+                                                        # of a tile is not averaged away by the normal rest
         localise_top: float = Field(1.0, gt=0, le=1)  # share of each batch localised, its highest scores; the
                                                       # rest get maps of zeros (0.1: 2.3x less CPU at 128 px,
                                                       # bench/mkd_eval.py; `tessera eval RUN --option localise_top=0.1`)
@@ -106,6 +117,10 @@ class MultiresolutionKnowledgeDistillation(Method):
         self.cloner = Cloner(3, points, config.cloner_base)
         fixed = config.lambda_dir if config.lambda_dir is not None else -1.0
         self.register_buffer("lambda_dir", torch.tensor(float(fixed)))
+        # L_total of the untrained cloner (2·L_val): divides the discrepancy map into [0, 1] as pixel
+        # metrics want (a map at 1 is as far from the source as an untrained cloner is, on average)
+        self.register_buffer("map_scale", torch.tensor(-1.0))
+        self._register_load_state_dict_pre_hook(_default_map_scale)
 
     def groups(self) -> dict[str, nn.Module]:
         return {"model": self.cloner}
@@ -126,6 +141,30 @@ class MultiresolutionKnowledgeDistillation(Method):
             value = value + ((a_s - a_c) ** 2).mean(dim=1)
             direction = direction + 1 - F.cosine_similarity(a_s, a_c, dim=1)
         return value, direction
+
+    @torch.no_grad()
+    def discrepancy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-pooled image score, (B, 1, H, W) discrepancy map). At each critical point the
+        per-position discrepancy is the squared difference averaged over channels + λ·(1 − cosine over
+        channels); the image score sums, over the points, the mean of its highest ``pooling_top`` share;
+        the map sums the points' maps upsampled bilinearly to the image. Training keeps the paper's
+        whole-map loss."""
+        images = self._rgb(images)
+        source, cloned = self.source(images), self.cloner(images)
+        total = images.new_zeros(len(images))
+        maps = images.new_zeros(len(images), 1, *images.shape[-2:])
+        for name, a_s in source.items():
+            a_s, a_c = a_s.float(), cloned[name].float()
+            local = ((a_s - a_c) ** 2).mean(dim=1) + self.lambda_dir * (1 - F.cosine_similarity(a_s, a_c, dim=1))
+            flat = local.flatten(1)
+            k = max(1, math.ceil(self.config.pooling_top * flat.shape[1]))
+            total = total + flat.topk(k, dim=1).values.mean(dim=1)
+            maps += F.interpolate(local[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if float(self.map_scale) <= 0:
+            raise RuntimeError("this MKD model predates localisation: discrepancy (no map scale in its weights); "
+                               "score it from its run directory, whose feature_stats.pt holds the scale "
+                               "(tessera eval RUN; tessera export RUN for a file that has it)")
+        return total, maps / self.map_scale
 
     def total(self, images: torch.Tensor) -> torch.Tensor:
         if float(self.lambda_dir) < 0:
@@ -149,6 +188,7 @@ class MultiresolutionKnowledgeDistillation(Method):
     def set_statistics(self, stats: dict) -> None:
         if self.config.lambda_dir is None:
             self.lambda_dir.fill_(stats["lambda"])
+        self.map_scale.fill_(stats["l_val"] + float(self.lambda_dir) * stats["l_dir"])
 
     # ------------------------------------------------------------------------------ train / score
 
@@ -174,10 +214,15 @@ class MultiresolutionKnowledgeDistillation(Method):
         return _opening(maps) if self.config.opening else maps
 
     def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image score: L_total; pixel map: the localisation map."""
+        """Image score: L_total (or its top-pooled form); pixel map: the localisation map."""
         images = batch["image"]
+        local = None
         with torch.no_grad():
-            scores = self.total(images)
+            if self.config.localisation == "discrepancy" or self.config.image_pooling == "top":
+                pooled, local = self.discrepancy(images)
+            scores = pooled if self.config.image_pooling == "top" else self.total(images)
+        if self.config.localisation == "discrepancy":
+            return scores, local
         if self.config.localise_top >= 1:
             return scores.detach(), self.localise(images).detach()
         # ∂L/∂x costs a backward pass per image: only the batch's most anomalous share gets one

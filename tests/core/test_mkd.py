@@ -2,6 +2,7 @@
 the untrained cloner, the morphological opening, and localisation maps that point at a planted defect
 after training on normals only (real ImageNet features from the wheel)."""
 
+import pytest
 import torch
 
 from core.methods import create_method
@@ -69,6 +70,28 @@ def test_localisation_points_at_a_planted_defect():
     outside = maps[~masks].mean()
     assert inside > 2 * outside, (float(inside), float(outside))
     assert scores.mean() > normal_scores.mean()
+    # the same weights scored with top-pooled discrepancy: no backward pass, maps in MOOD's [0, 1] range
+    cheap = create_method("mkd", {"net": "efficientnet_lite0", "weights": "imagenet", "cloner_base": 8,
+                                  "layers": ["reduction2", "reduction3"], "image_pooling": "top",
+                                  "localisation": "discrepancy"})
+    cheap.load_state_dict(method.state_dict())
+    cheap.eval()
+    pooled, local = cheap.score({"image": defective})
+    normal_pooled, normal_local = cheap.score({"image": stripes(16, size=48, seed=8)})
+    assert local.shape == (16, 1, 48, 48) and 0 <= float(local.min()) and float(normal_local.max()) < 1
+    assert local[masks].mean() > 2 * local[~masks].mean(), (float(local[masks].mean()), float(local[~masks].mean()))
+    assert pooled.min() > normal_pooled.max() or pooled.mean() > normal_pooled.mean()
+
+
+def test_weights_from_before_the_map_scale_load_and_say_what_to_do():
+    old = small(lambda_dir=1.0).state_dict()
+    del old["map_scale"]
+    method = small(lambda_dir=1.0, localisation="discrepancy")
+    method.load_state_dict(old)  # strict: the missing buffer is filled, unset
+    with pytest.raises(RuntimeError, match="score it from its run directory"):
+        method.score({"image": torch.rand(2, 3, 32, 32)})
+    method.set_statistics({"lambda": 1.0, "l_val": 2.0, "l_dir": 1.0})
+    assert float(method.map_scale) == 3.0 and method.score({"image": torch.rand(2, 3, 32, 32)})[1].shape == (2, 1, 32, 32)
 
 
 def test_localise_top_maps_only_the_highest_scoring_share_of_a_batch():

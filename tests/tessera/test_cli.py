@@ -64,12 +64,17 @@ def test_demo_writes_a_run_directory(tmp_path, sample_data):
     for name in ("config.yaml", "command.txt", "git.txt", "log.txt", "metrics.jsonl"):
         assert (run / name).is_file(), name
     assert "aperio" in (run / "log.txt").read_text()
-    stages = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in stages][-5:] == ["eval", "fpi", "mkd", "synthesize", "pgan_enc"]
-    assert 0 <= stages[-4]["pixel_auroc"] <= 1 and list((run / "fpi" / "eval-test" / "mood" / "pixel").glob("*.nii.gz"))
-    assert 0 <= stages[-3]["image_auroc"] <= 1 and (run / "mkd" / "feature_stats.pt").is_file()
-    assert stages[-2]["complete"] and (run / "stylegan2" / "synthetic-grid.png").stat().st_size > 1000
-    assert all(0 <= stages[-1][f"{t}_auroc"] <= 1 for t in ("combined", "residual", "latent_norm"))
+    stages = {r["stage"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert list(stages)[4:] == ["mkd", "train", "eval", "fpi", "synthesize", "pgan_enc", "finished"]
+    # the headline: a detector that detects, with a figure where the anomaly lights up
+    assert stages["mkd"]["ihc_tissue_auroc"] > 0.9, stages["mkd"]
+    assert (run / "mkd" / "eval-test" / "heatmaps" / "test_ihc_tissue.pixels.png").stat().st_size > 1000
+    assert "test_ihc_tissue.pixels.png" in result.output and "demo finished in" in result.output
+    assert "stage '5. a detector that works" in (run / "log.txt").read_text()
+    assert 0 <= stages["fpi"]["pixel_auroc"] <= 1 and list((run / "fpi" / "eval-test" / "mood" / "pixel").glob("*.nii.gz"))
+    assert 0 <= stages["eval"]["image_auroc"] <= 1 and (run / "mkd" / "feature_stats.pt").is_file()
+    assert stages["synthesize"]["complete"] and (run / "stylegan2" / "synthetic-grid.png").stat().st_size > 1000
+    assert all(0 <= stages["pgan_enc"][f"{t}_auroc"] <= 1 for t in ("combined", "residual", "latent_norm"))
     assert (run / "pgan_enc" / "eval-test" / "reconstructions.png").stat().st_size > 1000
     overlays = [p for p in (run / "mkd" / "eval-test" / "heatmaps").glob("*.png") if not p.name.endswith(".pixels.png")]
     assert len(overlays) == 8  # every test slide of the benchmark: the normal mosaic and 7 anomaly groups
