@@ -7,7 +7,10 @@ exactly once across all ranks and workers, and ranks' shares differ by at most o
 streams cut the order into global batches instead, rank r taking the r-th micro-batch of each (see
 ``ShardedStream._batches``), so training on W ranks sees what one rank accumulating W batches sees.
 
-Each item is a dict: ``image`` (3, H, W) float32 in [0, 1], ``slide_id``, ``level0_yx`` (int64 [2],
+Each item is a dict: ``image`` (3, H, W) uint8 as stored (float32 in [0, 1] only after the
+``histology`` augmentation, whose contrast and noise need floats; :func:`on_device` turns a batch's
+uint8 images into float32 in [0, 1] on the device that uses them: 4x less to collate, copy between
+processes and move), ``slide_id``, ``level0_yx`` (int64 [2],
 level-0 pixel of the image's top-left corner), ``label`` ("normal" / "anomalous" / "uncertain"),
 ``target`` (0 / 1 / -1), ``group``, ``tissue_fraction``, ``index`` (row of the tile index), and,
 when any slide of the stream carries annotations, ``mask`` (1, H, W) uint8 with ``has_mask``
@@ -27,6 +30,22 @@ from data_plane.config import StainConfig, StreamConfig
 from data_plane.store import LevelReader, read_tile_index, store_path
 
 TARGETS = {"normal": 0, "anomalous": 1, "uncertain": -1}
+
+
+def on_device(batch: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """A batch's tensors on ``device``; a uint8 ``image`` becomes float32 in [0, 1] there (after the
+    move, so the copy is of bytes); with ``dtype``, every floating tensor then takes it (the trainer's
+    precision). The one place streamed batches are made ready for a method."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            if key == "image" and value.dtype == torch.uint8:
+                value = value.to(torch.float32).mul_(1 / 255)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
 
 
 def select_tiles(tiles, config: StreamConfig):
@@ -186,12 +205,11 @@ class _TileLoader:
 
                     self._stain = StainNormalizer.from_config(self.stain_config)
                 pixels = self._stain.normalize_uint8(pixels)
-            image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1) \
-                .to(torch.float32, memory_format=torch.contiguous_format)
+            image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         else:
-            image = torch.from_numpy(pixels).to(torch.float32)  # the store's chunks are (C, H, W) already
+            image = torch.from_numpy(pixels)  # the store's chunks are (C, H, W) uint8 already
         item = {
-            "image": image.mul_(1 / 255),
+            "image": image,
             "slide_id": row.slide_id,
             "level0_yx": torch.tensor([y0, x0], dtype=torch.int64),
             "label": row.label,
@@ -411,18 +429,23 @@ class TileStream(ShardedStream):
             self._loader = _TileLoader(self.store, self.config.crop, self.config.crop_size, self.stain,
                                        has_annotations(self.store, self.tiles))
         transform = augmentation(self.config.augment, seed=0)
+        as_float = self.config.augment == "histology"  # its contrast and noise transforms work on floats
+        random_crop = self.config.crop == "random"
         rows = self._rows()
 
         def make_item(index: int) -> dict:
-            item = self._loader.load(rows[index], index, self.item_rng(index))
+            # a generator per item costs ~3 % of an item: built only for the random crop that uses it
+            item = self._loader.load(rows[index], index, self.item_rng(index) if random_crop else None)
             if transform is not None:
                 # Seeded per item, so an epoch resumed half way augments its remaining items the same.
                 transform.set_random_state(seed=int(np.random.default_rng((self.seed, self.epoch, index, 1))
                                                     .integers(2**31)))
+                if as_float:
+                    item["image"] = item["image"].to(torch.float32).mul_(1 / 255)
                 item.update(transform({k: item[k] for k in ("image", "mask") if k in item}))
                 # plain tensors: MONAI's MetaTensor would follow the images into saved files (as features
                 # computed from them), which weights_only loading rightly refuses
-                item["image"] = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).float()
+                item["image"] = torch.as_tensor(item["image"]).as_subclass(torch.Tensor)
                 if "mask" in item:
                     item["mask"] = torch.as_tensor(item["mask"]).as_subclass(torch.Tensor).to(torch.uint8)
             return item

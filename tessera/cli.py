@@ -94,8 +94,12 @@ def ingest(sources: list[str] = typer.Argument(None, help="Slides, NIfTI files, 
     from rich.console import Console
 
     from data_plane.ingest import IngestError, SourceError, ingest as run_ingest, resolve_sources
+    from tessera.config import ConfigError, load_data_config
 
-    resolved = _load(config, overrides)
+    try:
+        resolved = load_data_config(config, overrides or [])  # the data section only: no method, no torch
+    except ConfigError as exc:
+        _fail(str(exc))
     if not sources and manifest is None:
         _fail("nothing to ingest: give slide paths/globs or --manifest CSV")
     if label not in ("normal", "anomalous") or split not in ("train", "val", "test"):

@@ -28,10 +28,19 @@ class RunConfig(StrictConfig):
     name: str = "run"                                 # run name; run directories are <runs_dir>/<name>-<timestamp>
     runs_dir: str = "runs"                            # parent folder of run directories
     seed: int = Field(0, ge=0)                        # global seed (streams, synthesis, initialisation)
-    data: DataConfig = DataConfig()
-    method: MethodConfig = MethodConfig()
-    train: TrainConfig = TrainConfig()
-    tune: TuneConfig = TuneConfig()
+    data: DataConfig = Field(default_factory=DataConfig)
+    # a factory, not an instance: validating the default method imports every method, torch with them,
+    # and `tessera ingest` (which reads only the data section) must not pay that
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+
+class DataSection(StrictConfig):
+    """A recipe's data section alone: what ingest reads (load_data_config); the other sections are
+    left to the commands that use them."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
 
 
 class ConfigError(ValueError):
@@ -143,8 +152,8 @@ def resumed_config(path: str | Path, overrides: list[str]) -> RunConfig:
     return load_config(path, overrides)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+def _read_tree(path: str | Path | None, overrides: list[str] | None) -> tuple[dict, dict[str, str], str]:
+    """The YAML tree with ``--set`` overrides applied, which override set which key, and the file's name."""
     tree: dict = {}
     source = str(path) if path is not None else "defaults"
     if path is not None:
@@ -164,9 +173,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys, value = parse_override(text)
         _apply_override(tree, keys, value, text)
         source_of[".".join(keys)] = f"--set {text}"
+    return tree, source_of, source
+
+
+def _validated(model: type[BaseModel], tree: dict, source_of: dict[str, str], source: str):
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
         problems = [_describe(err, source_of, source) for err in exc.errors()]
         raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(problems))) from None
 
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    return _validated(RunConfig, *_read_tree(path, overrides))
+
+
+def load_data_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DataSection:
+    """As load_config, for the data section only (`tessera ingest`): the method, train and tune sections
+    of a recipe are not validated, so no method (nor torch) is imported. ``--set`` must name data keys."""
+    for text in overrides or []:
+        if parse_override(text)[0][0] != "data":
+            raise ConfigError(f"--set {text}: ingest reads only the data section (data.*)")
+    tree, source_of, source = _read_tree(path, overrides)
+    return _validated(DataSection, {"data": tree.get("data", {})}, source_of, source)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from core.metrics import AnomalyMetrics
+from data_plane.stream import on_device
 from trainers.files import load_file, save_file
 
 EXPORT_FORMAT = "tessera-export"
@@ -150,10 +151,6 @@ def _scored(method, batch: dict) -> tuple:
         return scores, maps, {name: values.float().cpu() for name, values in terms.items()}
     scores, maps = method.score(batch)
     return scores, maps, {}
-
-
-def _on(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _write_scores(path: Path, metrics: AnomalyMetrics) -> None:
@@ -290,11 +287,12 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         show = show_progress and (env is None or env.is_main)
         for batch in track(batches, total=len(stream), description=f"eval {split}", show=show):
             started = time.perf_counter()
-            scores, maps, parts = _scored(method, _on(batch, device))
+            ready = on_device(batch, device)  # images as float on the device; the rest of `batch` stays on the CPU
+            scores, maps, parts = _scored(method, ready)
             scores, maps = scores.float().cpu(), (maps.float().cpu() if maps is not None else None)
             scoring, scored = scoring + time.perf_counter() - started, scored + len(scores)
             if embedder is not None and (batch["target"] == 0).any():
-                normal_features.append(embedder(batch["image"][batch["target"] == 0].to(device)).cpu())
+                normal_features.append(embedder(ready["image"][ready["target"] == 0]).cpu())
             # each tile's pixel map, shrunk to PIXEL_MAP_SIDE² for the slide's stitched pixel heatmap (whole
             # tiles only: a centre crop's map would not cover its tile)
             small = F.interpolate(maps, size=(PIXEL_MAP_SIDE,) * 2, mode="area")[:, 0].numpy() \
@@ -307,7 +305,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
                 if target < 0:
                     continue  # "uncertain": partly annotated, neither normal nor anomalous
                 if len(shown[target]) < 8:
-                    shown[target].append(batch["image"][i])
+                    shown[target].append(ready["image"][i].cpu())
                 has_mask = bool(batch["has_mask"][i]) if "has_mask" in batch else False
                 case = "{}@{},{}".format(slide, *batch["level0_yx"][i].tolist())
                 metrics.add(float(scores[i]), target, batch["group"][i],
@@ -632,7 +630,7 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
         stream = GridStream(store, [slide], stain=config.data.stain)
         scores, coords = [], []
         for item in DataLoader(stream, batch_size=batch_size, num_workers=0):
-            image_scores, _ = method.score(item)
+            image_scores, _ = method.score(on_device(item, torch.device("cpu")))
             scores.append(image_scores.numpy())
             coords.append(item["level0_yx"].numpy())
         if not scores:
@@ -750,7 +748,7 @@ def score_volumes(method, store, stream_config, ids: list[str], batch_size: int,
     scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
     batches = DataLoader(stream, batch_size=None, num_workers=workers)
     for batch in track(batches, total=len(stream), description=description, show=show):
-        _, maps, parts = _scored(method, _on(batch, device))
+        _, maps, parts = _scored(method, on_device(batch, device))
         maps = maps.float().cpu()
         if terms is not None and parts:
             foreground = (batch["image"] != 0).flatten(1).float().mean(1)

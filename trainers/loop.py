@@ -23,6 +23,7 @@ import torch
 from core.methods.base import check_phases
 from core.schedule import StepState, growth_at
 from data_plane.progress import ProgressLines, interactive
+from data_plane.stream import on_device
 from trainers import checkpoint
 from trainers.averaging import NetworkEma, recompute_batchnorm, run_average
 from trainers.checkpoint import STATISTICS_FILE, load_statistics, save_final, save_statistics
@@ -43,17 +44,6 @@ def _die_with_rank(worker_id: int) -> None:
     from trainers.dist import die_with_parent
 
     die_with_parent()
-
-
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if torch.is_tensor(value):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
 
 
 class Trainer:
@@ -177,7 +167,7 @@ class Trainer:
                 # micro-batch number micro * world + rank: the one that one rank accumulating W batches
                 # gives this rank's batch (the stream hands batches out the same way)
                 torch.manual_seed(micro_seed(self.config.seed, self.step, index, micro * world + rank))
-                batch = _to_device(next_batch(), self.device, self.dtype) if phase.data else \
+                batch = on_device(next_batch(), self.device, self.dtype) if phase.data else \
                     {"batch_size": self.train.micro_batch}
                 with self._autocast():
                     out = phase.loss(batch, state)
@@ -250,7 +240,7 @@ class Trainer:
             self._prepare_statistics()
             # the reals snapshots show: read now, before the training stream starts (reading later would
             # move the stream's epoch under a running in-process iterator)
-            reals = first_batch(self.stream, self.device, _to_device) if train.snapshot_kimg else None
+            reals = first_batch(self.stream, self.device, on_device) if train.snapshot_kimg else None
             batches = self._batches()
             self._running = {"batches": batches, "last_checkpoint": time.time(), "tick_start": time.perf_counter(),
                              "wait": 0.0, "tick_steps": 0, "reals": reals}
@@ -496,7 +486,7 @@ def compute_statistics(method, stream, batches: int, device: torch.device) -> di
     with torch.random.fork_rng(devices=[]):
         numpy_state = np.random.get_state()
         iterator = iter(stream.endless(0))
-        chosen = [_to_device(next(iterator), device, torch.float32) for _ in range(batches)]
+        chosen = [on_device(next(iterator), device, torch.float32) for _ in range(batches)]
         np.random.set_state(numpy_state)
     was_training = method.training
     method.eval()

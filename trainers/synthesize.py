@@ -193,7 +193,7 @@ def project(run_dir: str | Path, store: str | Path, split: str = "test", name: s
     """Invert the split's real tiles (StyleGAN2's projector, or the encoder with its refinement) in this
     rank's blocks; the reconstructions go into the set ``name``, each with its distance, and the set's
     completion stitches the distances into slide heatmaps ``heatmaps/<name>``."""
-    from data_plane.stream import TileStream
+    from data_plane.stream import TileStream, on_device
     from data_plane.synthetic import SyntheticSet
     from trainers.evaluate import load_method
 
@@ -226,7 +226,7 @@ def project(run_dir: str | Path, store: str | Path, split: str = "test", name: s
             continue
         reader.tiles = rows.iloc[missing].reset_index(drop=True)
         reader.__dict__.pop("_row_tuples", None)  # the stream caches its rows as tuples
-        images = torch.stack([item["image"] for item in reader]).to(device)
+        images = on_device({"image": torch.stack([item["image"] for item in reader])}, device)["image"]
         # The projector's starting noise and jitter come from the block's own seed: any rank, same result.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(block)

@@ -8,11 +8,8 @@ import numpy as np
 import torch
 
 from core.schedule import StepState
+from data_plane.stream import on_device
 from tune.folds import Folds
-
-
-def _on(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def leave_one_out_baseline(maps: dict[str, np.ndarray], normals: list[str], fold: int = 0) -> dict[str, np.ndarray]:
@@ -56,7 +53,7 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
         stream = TileStream(config.data.store, stream_config, stain=config.data.stain, shuffle=False)
         labels, scores, items = [], [], []
         for batch in stream.batched(batch_size):
-            batch_scores = method.score(_on(batch, device))[0].float().cpu().numpy()
+            batch_scores = method.score(on_device(batch, device))[0].float().cpu().numpy()
             for item, target, score in zip(batch["slide_id"], batch["target"].tolist(), batch_scores):
                 if (item in held and target == 0) or (item in anomalies and target == 1):
                     labels.append(target)
@@ -88,7 +85,7 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
     for i, batch in enumerate(normal_stream.batched(batch_size)):
         if i >= loss_batches:
             break
-        losses.append(float(sum(method.training_step(_on(batch, device), StepState()).values())))
+        losses.append(float(sum(method.training_step(on_device(batch, device), StepState()).values())))
     both = len(set(labels)) == 2
     return {"val_auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
             "val_loss": float(np.mean(losses)) if losses else float("nan"),

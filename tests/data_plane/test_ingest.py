@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import zarr
 
-from data_plane.ingest import Source, ingest, read_manifest_csv, resolve_sources, SourceError
-from data_plane.store import LevelReader
+from data_plane.ingest import Source, SourceError, ingest, read_manifest_csv, reduce_2x2, resolve_sources
+from data_plane.store import LevelReader, LevelWriter
 
 
 def test_sample_slide_tile_index_and_mask_look_right(sample_store, sample_data):
@@ -59,6 +59,49 @@ def test_pyramid_is_lossless_at_level0_and_halves_per_level(sample_store, sample
     assert written < np.ceil(2967 / 256) * np.ceil(2220 / 256)
     ome = group.attrs["ome"]["multiscales"][0]
     assert [d["path"] for d in ome["datasets"]] == [str(level) for level in levels]
+
+
+def test_pil_reduction_is_the_rounded_2x2_mean():
+    block = np.random.default_rng(0).integers(0, 256, (3, 64, 96), dtype=np.uint8)
+    expected = (block.astype(np.uint16).reshape(3, 32, 2, 48, 2).sum(axis=(2, 4)) + 2) // 4
+    np.testing.assert_array_equal(reduce_2x2(block), expected)
+
+
+def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    rng = np.random.default_rng(1)
+    blocks = {(0, 0): rng.integers(0, 256, (3, 64, 64), dtype=np.uint8),        # a whole chunk
+              (64, 128): rng.integers(0, 256, (3, 36, 22), dtype=np.uint8),    # the corner chunk: padded
+              (0, 64): np.full((3, 64, 64), 255, np.uint8)}                     # all fill: never written
+    paths = {}
+    for how in ("zarr", "direct"):
+        array = zarr.create_array(str(tmp_path / f"{how}.zarr"), shape=(3, 100, 150), chunks=(3, 64, 64), dtype="uint8",
+                                  fill_value=255, compressors=BloscCodec(cname="zstd", clevel=5,
+                                                                          shuffle=BloscShuffle.bitshuffle))
+        writer = LevelWriter(array)
+        assert writer._dir is not None  # a local store: the direct path is the one under test
+        for (y, x), block in blocks.items():
+            if how == "zarr":
+                array[:, y:y + block.shape[1], x:x + block.shape[2]] = block
+            else:
+                writer.write(y, x, block)
+        paths[how] = sorted(p.relative_to(tmp_path / f"{how}.zarr") for p in (tmp_path / f"{how}.zarr").rglob("c/*/*/*"))
+        assert [str(p) for p in paths[how]] == ["c/0/0/0", "c/0/1/2"]
+    for path in paths["zarr"]:
+        assert (tmp_path / "zarr.zarr" / path).read_bytes() == (tmp_path / "direct.zarr" / path).read_bytes()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "direct.zarr"))[:, 64:100, 128:150], blocks[(64, 128)])
+
+
+def test_slide_ingest_imports_neither_torch_nor_monai(tmp_path, make_slide):
+    slide = make_slide(tmp_path / "s.svs", height=1024, width=1024, centre=(512, 512), radius=400)
+    code = ("import sys; from tessera.cli import app\n"
+            "try: app()\nexcept SystemExit as e: assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'monai', 'deepspeed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, "ingest", str(slide), "--store", str(tmp_path / "s.zarr")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]" and "ingested 1" in done.stdout
 
 
 def test_magnification_picks_the_pyramid_level(tmp_path, make_slide, data_config):

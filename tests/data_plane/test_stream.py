@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from data_plane.config import StreamConfig
 from data_plane.ingest import Source, ingest
-from data_plane.stream import GridStream, TileStream, shard
+from data_plane.stream import GridStream, TileStream, on_device, shard
 
 
 def indices(stream, workers):
@@ -56,11 +56,16 @@ def test_filters_and_per_slide_cap(sample_store):
 def test_items_match_openslide_pixels(sample_store, sample_data):
     stream = TileStream(sample_store, StreamConfig(min_tissue_fraction=0.5), shuffle=False)
     item = next(iter(stream))
-    assert item["image"].shape == (3, 256, 256) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (3, 256, 256) and item["image"].dtype == torch.uint8  # floats on the device
     y, x = item["level0_yx"].tolist()
     with openslide.OpenSlide(str(sample_data.slide)) as slide:
         direct = np.asarray(slide.read_region((x, y), 0, (256, 256)).convert("RGB"))
-    np.testing.assert_allclose(item["image"].permute(1, 2, 0).numpy() * 255, direct, atol=1e-3)
+    np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), direct)
+    ready = on_device({"image": item["image"][None], "target": torch.tensor([0])}, torch.device("cpu"), torch.bfloat16)
+    assert ready["image"].dtype == torch.bfloat16 and ready["target"].dtype == torch.int64
+    floats = on_device({"image": item["image"][None]}, torch.device("cpu"))["image"][0]
+    assert floats.dtype == torch.float32 and torch.equal(floats, item["image"].to(torch.float32).mul_(1 / 255))
+    assert 0 <= float(floats.min()) and float(floats.max()) <= 1
     assert item["slide_id"] == "cmu_small_region" and item["label"] == "normal" and item["target"] == 0
     assert "mask" not in item  # no slide of this store is annotated
 
@@ -77,7 +82,7 @@ def test_crops_stay_inside_their_tile(sample_store, sample_data, crop):
             assert row.y <= y <= row.y + 256 - 96 and row.x <= x <= row.x + 256 - 96
             offsets.add((y - row.y, x - row.x))
             direct = np.asarray(slide.read_region((x, y), 0, (96, 96)).convert("RGB"))
-            np.testing.assert_allclose(item["image"].permute(1, 2, 0).numpy() * 255, direct, atol=1e-3)
+            np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), direct)
     assert (len(offsets) > 5) if crop == "random" else offsets == {(80, 80)}
 
 
@@ -86,7 +91,7 @@ def test_augmentation_preset_changes_geometry_but_keeps_content(sample_store):
     flipped = TileStream(sample_store, StreamConfig(min_tissue_fraction=0.5, augment="flips"), shuffle=False)
     changed = 0
     for a, b in zip(plain, flipped):
-        assert a["image"].shape == b["image"].shape
+        assert a["image"].shape == b["image"].shape and b["image"].dtype == torch.uint8  # flips keep the bytes
         np.testing.assert_allclose(np.sort(a["image"].flatten()), np.sort(b["image"].flatten()), atol=1e-6)
         changed += not torch.equal(a["image"], b["image"])
     assert changed > 5
@@ -181,8 +186,7 @@ def test_stain_normalisation_moves_tiles_towards_the_reference(sample_store, tex
 
     def mosaic(stain):
         stream = TileStream(sample_store, StreamConfig(min_tissue_fraction=0.9), shuffle=False, stain=stain)
-        return np.concatenate([(i["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                               for i in stream], axis=1)
+        return np.concatenate([i["image"].permute(1, 2, 0).numpy() for i in stream], axis=1)
 
     reference = stain_signature(method, texture)
     before = np.abs(stain_signature(method, mosaic(None)) - reference).sum()
@@ -199,10 +203,10 @@ def test_batched_stain_normalisation_matches_per_tile(sample_store, texture):
     from data_plane.stain import StainNormalizer
 
     normalizer = StainNormalizer("reinhard", texture)
-    batch = torch.stack([item["image"] for item, _ in zip(TileStream(sample_store, StreamConfig()), range(4))])
-    together = normalizer.normalize_batch(batch)
-    for image, normalised in zip(batch, together):
-        tile = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    tiles = torch.stack([item["image"] for item, _ in zip(TileStream(sample_store, StreamConfig()), range(4))])
+    together = normalizer.normalize_batch(on_device({"image": tiles}, torch.device("cpu"))["image"])
+    for image, normalised in zip(tiles, together):
+        tile = image.permute(1, 2, 0).numpy()
         expected = normalizer.normalize_uint8(tile)
         np.testing.assert_allclose(normalised.permute(1, 2, 0).numpy() * 255, expected, atol=1e-3)
 
@@ -304,6 +308,6 @@ def test_augmented_items_are_plain_tensors_that_save_safely(sample_store, tmp_pa
     makes weights_only loading refuse it. The stream hands out plain tensors."""
     stream = TileStream(sample_store, StreamConfig(min_tissue_fraction=0.0, augment="histology", seed=1)).batched(2)
     batch = next(iter(DataLoader(stream, batch_size=None)))
-    assert type(batch["image"]) is torch.Tensor
+    assert type(batch["image"]) is torch.Tensor and batch["image"].dtype == torch.float32  # contrast, noise: floats
     torch.save({"x": batch["image"] * 2}, tmp_path / "f.pt")
     torch.load(tmp_path / "f.pt", weights_only=True)
