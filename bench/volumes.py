@@ -1,17 +1,20 @@
-"""3D patch reads: the Zarr store against what a user would otherwise do, on the same patches.
+"""3D patch reads: the Zarr store against what a user would otherwise do, interleaved.
 
-    python bench/volumes.py [--work DIR] [--patches 200] [--skip-512]
+    python bench/volumes.py [--work DIR] [--patches 300] [--passes 5] [--skip-512]
 
-Volume: the real MNI152 T1 template at 1 mm (197 x 233 x 189, float32), as .nii.gz. Random 64³ and
-96³ patches at the same positions, read by
-  (a) tessera's PatchStream over the store (chunks of 64³, Blosc-zstd),
-  (b) nibabel: slicing the image's array proxy on the .nii.gz (no whole-volume load),
-  (b2) nibabel: the whole volume loaded once into memory, then sliced (fast, memory = volume),
-  (c) MONAI: LoadImage + SpatialCrop per patch (what a Dataset without caching does).
-Each case runs in its own process; peak RSS is sampled (process and children). Then the peak RSS
-of streaming patches from a 512³ float32 volume. Last, 2D slices: one shuffled epoch of the axial
-slices of the 1 mm volume through SliceStream, with the decoded-slab cache (slab_cache_mb 1024) and
-without it (each plane read decodes the chunks it crosses), in slices/s and peak RSS.
+Volume: the real MNI152 T1 template at 1 mm (197 x 233 x 189, float32), as .nii.gz and in the store
+(chunks of 64³, Blosc-zstd). Random 64³ and 96³ patches as (1, s, s, s) float32 tensors, read by
+  (a) tessera's patch reader with the volume cache (data.volume_stream.volume_cache_mb): the volume
+      decoded once per process, each patch a crop in memory;
+  (a') the same without the cache (volume_cache_mb 0): every patch decodes the chunks it crosses;
+  (a'') (a') with patch_grid 32: corners on multiples of 32, fewer chunks crossed per patch;
+  (c) MONAI's CacheDataset (LoadImaged + EnsureChannelFirstd cached) + RandSpatialCropd, the pipeline
+      users pick for volumes that fit in memory;
+  (b) nibabel: the volume loaded once into a numpy array, then sliced and copied.
+Every pass runs each reader once, in its own process, in an order rotated from pass to pass; CPU time
+per patch (the first patch, a warm-up with the imports and the first decode, left out) and patches/s
+of wall time, median and min-max over the passes. Then the peak RSS of streaming patches from a 512³
+float32 volume, and 2D slices with and without the decoded-slab cache.
 """
 
 from __future__ import annotations
@@ -60,36 +63,49 @@ def prepare(work: Path, big: bool) -> dict:
 
 
 def run_case(method: str, path: Path, store: Path, volume_id: str, size: int, origins: np.ndarray) -> dict:
+    import torch
+
     from tiles import PeakRSS
 
     memory = PeakRSS()
     # Origins are (z, y, x) in the store's RAS grid; the MNI file is already RAS, so (i, j, k) = (x, y, z).
-    if method == "zarr":
-        from data_plane.volumes import volume_array
+    if method.startswith("zarr"):
+        from data_plane.volume_stream import _padded, _Volumes
+        from data_plane.store import store_path
 
-        array = volume_array(store, volume_id)
-        read = lambda z, y, x: array[z:z + size, y:y + size, x:x + size]
-    elif method == "nibabel-proxy":
-        import nibabel
-
-        proxy = nibabel.load(path).dataobj
-        read = lambda z, y, x: np.asarray(proxy[x:x + size, y:y + size, z:z + size], np.float32)
+        volumes = _Volumes(store_path(store), volume_cache_mb=1024 if method == "zarr-cached" else 0)
+        grid = 32 if method == "zarr-grid32" else 1
+        read = lambda z, y, x: _padded(volumes.region(volume_id, "image", (
+            slice(z // grid * grid, z // grid * grid + size), slice(y // grid * grid, y // grid * grid + size),
+            slice(x // grid * grid, x // grid * grid + size))), size)[None]
     elif method == "nibabel-loaded":
         import nibabel
 
         data = np.asarray(nibabel.load(path).dataobj, np.float32)
-        read = lambda z, y, x: data[x:x + size, y:y + size, z:z + size].copy()
+        read = lambda z, y, x: torch.from_numpy(data[x:x + size, y:y + size, z:z + size].copy())[None]
     else:
-        from monai.transforms import LoadImage, SpatialCrop
+        from monai.data import CacheDataset
+        from monai.transforms import EnsureChannelFirstd, LoadImaged, RandSpatialCropd
 
-        load = LoadImage(image_only=True, ensure_channel_first=True)
-        read = lambda z, y, x: SpatialCrop(roi_start=(x, y, z), roi_end=(x + size, y + size, z + size))(load(str(path)))
-    read(*origins[0])  # warm-up: imports, first open
-    started = time.perf_counter()
+        cached = CacheDataset([{"image": str(path)}], transform=[LoadImaged("image", image_only=True),
+                                                                  EnsureChannelFirstd("image")],
+                              cache_rate=1.0, progress=False, num_workers=0)[0]
+        crop = RandSpatialCropd("image", roi_size=(size,) * 3, random_size=False)
+        crop.set_random_state(0)
+        read = lambda z, y, x: crop(dict(cached))["image"]
+    read(*origins[0])  # warm-up: imports, first open, the cache's first fill
+    cpu, started = time.process_time(), time.perf_counter()
     for origin in origins[1:]:
         read(*origin)
-    rate = (len(origins) - 1) / (time.perf_counter() - started)
-    return {"patches_per_s": rate, "peak_rss_mib": memory.mib()}
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"cpu_ms": cpu / (len(origins) - 1) * 1000, "patches_per_s": (len(origins) - 1) / wall,
+            "peak_rss_mib": memory.mib()}
+
+
+def chunks_crossed(origins: np.ndarray, size: int, chunk: int = 64, grid: int = 1) -> float:
+    """Mean chunks a patch crosses along one axis."""
+    corners = np.asarray(origins) // grid * grid
+    return float(((corners + size - 1) // chunk - corners // chunk + 1).mean())
 
 
 def stream_case(store: Path, volume_id: str, size: int, patches: int) -> dict:
@@ -138,7 +154,8 @@ def in_subprocess(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-volumes")
-    parser.add_argument("--patches", type=int, default=200)
+    parser.add_argument("--patches", type=int, default=300)
+    parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--skip-512", action="store_true")
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,21 +172,37 @@ def main() -> None:
 
     paths = prepare(args.work, big=not args.skip_512)
     shape = (189, 233, 197)  # stored (z, y, x)
-    print("| patch | (a) zarr store | (b) nibabel proxy .nii.gz | (b2) nibabel loaded once | (c) MONAI LoadImage+crop "
-          "| a/b | a/b2 | a/c | peak RSS a / b / b2 / c MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    load = os.getloadavg()
+    print(f"# bench/volumes.py: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs, "
+          f"{args.passes} passes, readers interleaved (rotated order), {args.patches} patches each; "
+          "figures: median [min-max]", flush=True)
+    readers = ["zarr-cached", "zarr-chunks", "zarr-grid32", "monai-cachedataset", "nibabel-loaded"]
+    verdicts = []
+    print("| patch | reader | CPU ms / patch | patches/s (wall) | peak RSS MiB | CPU vs MONAI CacheDataset |")
+    print("|---|---|---|---|---|---|")
     for size in (64, 96):
         rng = np.random.default_rng(size)
         origins = np.stack([rng.integers(0, s - size, args.patches) for s in shape], axis=1).tolist()
-        results = {}
-        for method in ("zarr", "nibabel-proxy", "nibabel-loaded", "monai"):
-            count = origins if method in ("zarr", "nibabel-loaded") else origins[: max(6, args.patches // 20)]
-            results[method] = in_subprocess([method, str(paths["mni"]), str(paths["store"]), "mni152",
-                                             str(size), json.dumps(count)])
-        a, b, b2, c = (results[m]["patches_per_s"] for m in ("zarr", "nibabel-proxy", "nibabel-loaded", "monai"))
-        rss = " / ".join(f"{results[m]['peak_rss_mib']:.0f}" for m in results)
-        print(f"| {size}³ | {a:.0f}/s | {b:.1f}/s | {b2:.0f}/s | {c:.1f}/s | {a / b:.0f} | {a / b2:.2f} | {a / c:.0f} "
-              f"| {rss} |", flush=True)
+        runs = {m: [] for m in readers}
+        for p in range(args.passes):
+            for method in readers[p % len(readers):] + readers[:p % len(readers)]:
+                runs[method].append(in_subprocess([method, str(paths["mni"]), str(paths["store"]), "mni152",
+                                                   str(size), json.dumps(origins)]))
+        med = {m: {k: (float(np.median([r[k] for r in v])), float(np.min([r[k] for r in v])),
+                       float(np.max([r[k] for r in v]))) for k in ("cpu_ms", "patches_per_s", "peak_rss_mib")}
+               for m, v in runs.items()}
+        monai = med["monai-cachedataset"]["cpu_ms"][0]
+        for m, r in med.items():
+            cpu, rate = r["cpu_ms"], r["patches_per_s"]
+            print(f"| {size}³ | {m} | {cpu[0]:.3f} [{cpu[1]:.3f}-{cpu[2]:.3f}] | {rate[0]:.0f} [{rate[1]:.0f}-{rate[2]:.0f}] "
+                  f"| {r['peak_rss_mib'][0]:.0f} | {cpu[0] / monai:.2f}x |", flush=True)
+        ours = med["zarr-cached"]["cpu_ms"][0]
+        verdicts.append(f"{'PASS' if ours <= monai else 'FAIL'}: {size}³ patches from a cached volume at least as fast "
+                        f"as MONAI CacheDataset + RandSpatialCropd, CPU per patch ({ours:.3f} vs {monai:.3f} ms)")
+        crossed = chunks_crossed(origins, size, grid=32)
+        verdicts.append(f"{'PASS' if crossed <= 2 else 'FAIL'}: {size}³ uncached patches with patch_grid 32 cross "
+                        f"{crossed:.2f} chunks of 64 per axis on average ({chunks_crossed(origins, size):.2f} without)")
+    print("\n".join(verdicts))
     if "big" in paths:
         big = in_subprocess(["stream", "", str(paths["store"]), "big512", "96", "64"])
         print(f"\nstreaming 96³ patches from a 512³ float32 volume (512 MiB) in one process: "

@@ -38,12 +38,32 @@ def select_volumes(volumes, config: VolumeStreamConfig):
 class _Volumes:
     """Per-process cache of open volume arrays, their attributes, and decoded chunk slabs."""
 
-    def __init__(self, root: Path, slab_cache_mb: float = 0):
+    def __init__(self, root: Path, slab_cache_mb: float = 0, volume_cache_mb: float = 0):
         self.root = root
         self.arrays: dict[tuple[str, str], object] = {}
         self.attrs: dict[str, dict] = {}
         self.slabs: OrderedDict[tuple, np.ndarray] = OrderedDict()  # least recently used first
         self.slab_bytes, self.slab_budget = 0, int(slab_cache_mb * 2**20)
+        self.whole: OrderedDict[tuple, np.ndarray] = OrderedDict()  # least recently used first
+        self.whole_bytes, self.whole_budget = 0, int(volume_cache_mb * 2**20)
+
+    def region(self, volume_id: str, name: str, region: tuple[slice, ...]) -> np.ndarray:
+        """``array[region]``, from the decoded whole volume when it fits the volume cache (read once,
+        kept LRU), else from the store's chunks."""
+        array = self.array(volume_id, name)
+        nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
+        if nbytes > self.whole_budget:
+            return np.asarray(array[region])
+        key = (volume_id, name)
+        volume = self.whole.get(key)
+        if volume is None:
+            volume = self.whole[key] = np.asarray(array[...])
+            self.whole_bytes += volume.nbytes
+            while self.whole_bytes > self.whole_budget and len(self.whole) > 1:
+                self.whole_bytes -= self.whole.popitem(last=False)[1].nbytes
+        else:
+            self.whole.move_to_end(key)
+        return volume[region]
 
     def plane(self, volume_id: str, name: str, axis: int, k: int) -> np.ndarray:
         """Plane k along ``axis``. Reading one plane decodes every chunk it crosses, a whole slab one chunk
@@ -99,7 +119,7 @@ class _VolumeStream(ShardedStream):
     @property
     def cache(self) -> _Volumes:
         if self._cache is None:  # opened lazily, in the worker process
-            self._cache = _Volumes(store_path(self.store), self.config.slab_cache_mb)
+            self._cache = _Volumes(store_path(self.store), self.config.slab_cache_mb, self.config.volume_cache_mb)
         return self._cache
 
     def _base(self, row, index: int) -> dict:
@@ -121,13 +141,14 @@ class PatchStream(_VolumeStream):
         size = self.config.patch_size
         shape = (int(row.shape_z), int(row.shape_y), int(row.shape_x))
         rng = self.item_rng(index)
-        origin = [int(rng.integers(0, max(s - size, 0) + 1)) for s in shape]
+        grid = self.config.patch_grid
+        origin = [int(rng.integers(0, max(s - size, 0) // grid + 1)) * grid for s in shape]
         region = tuple(slice(o, o + size) for o in origin)
         item = self._base(row, index)
         item["origin_zyx"] = torch.tensor(origin)
-        item["image"] = _padded(self.cache.array(row.volume_id)[region], size)[None]
+        item["image"] = _padded(self.cache.region(row.volume_id, "image", region), size)[None]
         if self.with_masks:
-            mask = self.cache.array(row.volume_id, "mask")[region] if row.has_mask else np.zeros(1, np.uint8)
+            mask = self.cache.region(row.volume_id, "mask", region) if row.has_mask else np.zeros(1, np.uint8)
             item["mask"] = _padded(mask, size, like=item["image"][0]).to(torch.uint8)[None]
         if self.config.augment == "affine":
             item.update(_augment_3d(item, rng))

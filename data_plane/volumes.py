@@ -19,7 +19,6 @@ import numpy as np
 
 from data_plane.config import DataConfig
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
 ARRAYS = {"image": "0", "mask": "labels/mask/0"}  # the volume's arrays, by role, inside its group
 
 
@@ -33,21 +32,6 @@ def volume_array(store, volume_id: str, name: str = "image"):
     return zarr.open_array(str(store_path(store) / "volumes" / volume_id / path), mode="r")
 
 
-def is_volume_path(path: Path) -> bool:
-    name = path.name.lower()
-    if name.endswith(VOLUME_SUFFIXES):
-        return True
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
-
-
-def volume_id_of(path: Path) -> str:
-    name = path.name
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def check_dicom_series(folder: Path) -> None:
     """Refuse a DICOM folder that is not one whole, evenly spaced series: MONAI reads what it can and only
     warns, so a truncated file would silently drop a slice and change the z spacing. Checks every file's
@@ -55,7 +39,7 @@ def check_dicom_series(folder: Path) -> None:
     the error names the files."""
     import pydicom
 
-    from data_plane.ingest import IngestError
+    from data_plane.sources import IngestError
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")
     problems, slices = [], []
@@ -110,7 +94,7 @@ def check_dicom_series(folder: Path) -> None:
 def _count_nonfinite(voxels: np.ndarray, name: str, policy: str) -> int:
     """NaN/inf voxels would turn the percentile clip, hence the whole stored volume, into NaN: raise under
     policy 'error', else return how many there are (the caller zeroes them)."""
-    from data_plane.ingest import IngestError
+    from data_plane.sources import IngestError
 
     bad = ~np.isfinite(voxels)
     count = int(bad.sum())
@@ -127,7 +111,7 @@ def _load(path: Path, what: str, nonfinite: str = "error"):
     ``nonfinite``); errors say what was wrong with which file."""
     from monai.transforms import LoadImage, Orientation
 
-    from data_plane.ingest import IngestError
+    from data_plane.sources import IngestError
 
     if not path.exists():
         raise IngestError(f"{what} '{path}' does not exist")
@@ -178,7 +162,7 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
     from monai.transforms import Spacing
     from zarr.codecs import BloscCodec, BloscShuffle
 
-    from data_plane.ingest import IngestError, _sha256
+    from data_plane.sources import IngestError, sha256_of
     from data_plane.ngff import LABEL_COLOURS, NGFF_VERSION, multiscales, volume_axes, volume_ome, volume_transform
     from data_plane.store import atomic_write_parquet, ensure_group, own
 
@@ -221,7 +205,7 @@ def ingest_volume(source, store: str, config: DataConfig, progress=None) -> dict
                                               "colors": [{"label-value": 1, "rgba": LABEL_COLOURS["mask"]}]}}
         group["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": ["mask"]}
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))  # voxel size along i, j, k in mm
-    sha256 = _sha256(source.path) if source.path.is_file() else None
+    sha256 = sha256_of(source.path) if source.path.is_file() else None
     group.attrs["ome"] = volume_ome(source.item_id, affine)
     group.attrs["tessera"] = {
         "source": str(source.path), "sha256": sha256, "kind": "volume", "label": source.label,

@@ -186,7 +186,7 @@ def train(config: Optional[Path] = ConfigArg,
         path = create_run_dir(resolved, resolved.name, resolved.runs_dir, path=run_dir).path
     typer.echo(f"run directory: {path}")
     if launch.in_process and "RANK" not in os.environ:
-        from tessera.worker import run
+        from trainers.worker import run
         from trainers.files import UnsafeFileError
         from trainers.loop import TrainingDiverged
         from trainers.run_dir import RunLocked

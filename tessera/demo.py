@@ -82,7 +82,7 @@ def train_and_evaluate(config, name: str, path: Path) -> tuple[Path, dict, list[
     """Train a demo stage's run in this process, evaluate it on the test split; returns the run dir,
     the overall metrics and the figures eval drew (heatmap overlays, or slices through outliers)."""
     from trainers.evaluate import evaluate
-    from tessera.worker import run as train_run
+    from trainers.worker import run as train_run
 
     run_dir = create_run_dir(config, name, path=path).path
     train_run(run_dir, resume=False)
@@ -204,7 +204,7 @@ def run_demo(config, console: Console | None = None) -> Path:
                   f"0.5 (napari-ome-zarr, vizarr and QuPath open {bench_config.data.store}/slides/<id>)", soft_wrap=True)
 
     stage("6. train the reference autoencoder (DeepSpeed, this process)")
-    from tessera.worker import run as train_run
+    from trainers.worker import run as train_run
 
     train_dir = create_run_dir(bench_config, "reference", path=run.path / "train").path
     train_run(train_dir, resume=False)

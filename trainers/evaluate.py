@@ -246,7 +246,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     from data_plane.progress import track
     from data_plane.store import read_tile_index, store_path
     from data_plane.stream import TileStream, select_tiles
-    from tessera.config import load_config
+    from core.run_config import load_config
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
@@ -560,7 +560,7 @@ def _forest_plot(result: dict, path: Path) -> None:
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """One file that scores without the run directory: weights, method config, the run's data config."""
-    from tessera.config import load_config
+    from core.run_config import load_config
 
     run_dir = Path(run_dir)
     method, saved = load_method(run_dir)
@@ -604,7 +604,7 @@ def score_inputs(model: str | Path, inputs: list[str], out: str | Path, batch_si
     from data_plane.heatmap import render_overlay, write_heatmap
     from data_plane.ingest import ingest, resolve_sources
     from data_plane.stream import GridStream
-    from tessera.config import RunConfig, load_config
+    from core.run_config import RunConfig, load_config
 
     model = Path(model)
     if model.is_dir():

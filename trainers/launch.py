@@ -45,13 +45,13 @@ class Launch:
             lone = ["--no_ssh_check"] if len(hosts) == 1 else []
             return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), *lone,
                     "--master_addr", hosts[0], "--master_port", str(self.master_port),
-                    "--no_local_rank", "--module", "tessera.worker", *tail]
+                    "--no_local_rank", "--module", "trainers.worker", *tail]
         if self.nnodes > 1:
             return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nnodes}",
                     f"--nproc_per_node={self.nproc}", "--rdzv_backend=c10d", f"--rdzv_endpoint={self.rdzv_endpoint}",
-                    f"--rdzv_id={Path(run_dir).name}", "-m", "tessera.worker", *tail]
+                    f"--rdzv_id={Path(run_dir).name}", "-m", "trainers.worker", *tail]
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-                "-m", "tessera.worker", *tail]
+                "-m", "trainers.worker", *tail]
 
     def write_hostfile(self, run_dir: Path) -> Path:
         """--nodes as a hostfile in the run directory, so the run records where it ran."""

@@ -169,7 +169,7 @@ def projection_source(run_dir: Path, store, split: str, resolution: int):
     selects them, centre-cropped to the generator's resolution when the run trained on crops of it."""
     from data_plane.store import read_tile_index
     from data_plane.stream import select_tiles
-    from tessera.config import load_config
+    from core.run_config import load_config
 
     config = load_config(run_dir / "config.yaml")
     stream = config.data.stream

@@ -43,7 +43,7 @@ def search_space(space: dict) -> dict:
 
 def fold_config(base: dict, params: dict, folds, k: int | None):
     """The run config of one fold (k None: all normal training items, for the final retrain)."""
-    from tessera.config import RunConfig
+    from core.run_config import RunConfig
 
     tree = apply_params(base, params)
     section = "volume_stream" if folds.kind == "volumes" else "stream"
@@ -148,7 +148,7 @@ def _multi_rank_trial(params: dict, base: dict, experiment: Path, folds, trial_i
     from ray import tune
 
     from trainers.launch import Launch
-    from tessera.worker import load_latest
+    from trainers.worker import load_latest
     from trainers.run_dir import create_run_dir
     from tune.objective import validate
 
@@ -349,9 +349,9 @@ def summarise(grid, base: dict, experiment: Path, folds) -> dict:
 
 def final_run(experiment: Path, pick: str = "best") -> dict:
     """Retrain a pick on all normal training items and evaluate it on the test split."""
-    from tessera.config import load_config
+    from core.run_config import load_config
     from trainers.evaluate import evaluate
-    from tessera.worker import run
+    from trainers.worker import run
     from trainers.run_dir import create_run_dir
     from tune.folds import Folds
 
@@ -360,7 +360,7 @@ def final_run(experiment: Path, pick: str = "best") -> dict:
     section = "volume_stream" if folds.kind == "volumes" else "stream"
     tree = config.model_dump(mode="json")
     tree["data"][section]["ids"] = folds.train
-    from tessera.config import RunConfig
+    from core.run_config import RunConfig
 
     config = RunConfig.model_validate(tree)
     run_dir = experiment / f"final-{pick}"

@@ -5,11 +5,8 @@ backend is one file, registered by name. A submitted job becomes a JobRecord in 
 
 from __future__ import annotations
 
-from typing import Callable
-
 from cluster.spec import JobSpec
-
-_BACKENDS: dict[str, type] = {}
+from core.registry import Registry
 
 
 class BackendError(RuntimeError):
@@ -17,13 +14,14 @@ class BackendError(RuntimeError):
     says what and how to fix it."""
 
 
-def register_backend(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
+def _named(name: str, cls: type) -> None:
+    cls.name = name
 
-    return add
+
+BACKENDS = Registry("backend", modules=[f"cluster.backends.{m}" for m in ("kubernetes", "local", "ray_jobs", "slurm")],
+                    error=BackendError, check=_named)
+register_backend = BACKENDS.register
+backend_names = BACKENDS.names
 
 
 class Backend:
@@ -51,17 +49,5 @@ class Backend:
         raise NotImplementedError
 
 
-def backend_names() -> list[str]:
-    _load_all()
-    return sorted(_BACKENDS)
-
-
 def get_backend(name: str) -> Backend:
-    _load_all()
-    if name not in _BACKENDS:
-        raise BackendError(f"unknown backend '{name}' (known: {', '.join(sorted(_BACKENDS))})")
-    return _BACKENDS[name]()
-
-
-def _load_all() -> None:
-    from cluster.backends import kubernetes, local, ray_jobs, slurm  # noqa: F401
+    return BACKENDS.get(name)()

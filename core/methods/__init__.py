@@ -5,63 +5,34 @@ groups, phases, score, G_ema networks, snapshot, feature statistics, sample scor
 single-network method; registration checks it.
 
 It is single-device code: the trainer owns devices, precision, ranks, optimisers and checkpoints.
-Adding a method is its own file plus one ``@register_method`` line.
+Adding a method is its own file in this package with one ``@register_method("name")`` line: every module
+here but ``base.py`` is imported on the first lookup (``METHODS``, a :class:`core.registry.Registry`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from core.config import StrictConfig
+from core.registry import Registry
 
-_REGISTRY: dict[str, type] = {}
+def _check(name: str, cls: type) -> None:
+    from core.methods.base import check_method_class
 
-
-def register_method(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        from core.methods.base import check_method_class
-
-        check_method_class(name, cls)  # a method missing a piece fails when it is added
-        if name in _REGISTRY:
-            raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
-        cls.method_name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return add
+    check_method_class(name, cls)  # a method missing a piece fails when it is added
+    cls.method_name = name
 
 
-def _load_all() -> None:
-    # Importing a method's module registers it; the list is the one place that names every method file.
-    import importlib
-    import os
-
-    from core.methods import (dpa, fanogan, fpi, mkd, pgan_enc, reference_ae, stylegan2,  # noqa: F401
-                              stylegan2_encoder)
-
-    # A lab's own methods, outside tessera: TESSERA_METHOD_MODULES=mylab.methods,other.module (imported in
-    # every process, ranks and Ray workers included, since they inherit the environment).
-    for module in filter(None, (m.strip() for m in os.environ.get("TESSERA_METHOD_MODULES", "").split(","))):
-        importlib.import_module(module)
-
-
-def method_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def method_class(name: str) -> type:
-    _load_all()
-    if name not in _REGISTRY:
-        import difflib
-
-        near = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(_REGISTRY))}){hint}")
-    return _REGISTRY[name]
+# Every module of this package but base.py is imported on the first lookup: a method is its file. A lab's
+# own methods, outside tessera: TESSERA_METHOD_MODULES=mylab.methods,other.module (imported in every
+# process, ranks and Ray workers included, since they inherit the environment).
+METHODS = Registry("method", package="core.methods", skip={"base"}, env="TESSERA_METHOD_MODULES", check=_check)
+register_method = METHODS.register
+method_names = METHODS.names
+method_class = METHODS.get
 
 
 def create_method(name: str, config: dict | None = None, **overrides):

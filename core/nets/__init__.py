@@ -19,31 +19,16 @@ to its weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, Callable] = {}
+from core.registry import Registry
 
-
-def register_net(name: str) -> Callable[[Callable], Callable]:
-    def add(build: Callable) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(f"net '{name}' is registered twice")
-        _REGISTRY[name] = build
-        return build
-
-    return add
-
-
-def _load_all() -> None:
-    from core.nets import efficientnet, vgg  # noqa: F401
-
-
-def net_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+NETS = Registry("net", modules=("core.nets.efficientnet", "core.nets.vgg"))  # the feature extractors' files
+register_net = NETS.register
+net_names = NETS.names
 
 
 class FeatureExtractor(nn.Module):
@@ -100,10 +85,7 @@ def ignore_saved_extractors(module: nn.Module, prefixes: tuple[str, ...]) -> Non
 
 
 def create_net(name: str, weights: str = "imagenet", layers: list[str] | None = None) -> FeatureExtractor:
-    _load_all()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown net '{name}' (known: {', '.join(sorted(_REGISTRY))})")
-    net = _REGISTRY[name](weights=weights, layers=layers)
+    net = NETS.get(name)(weights=weights, layers=layers)
     net.random_weights = weights == "none"
     return net
 

@@ -55,6 +55,31 @@ def test_patches_are_read_where_they_say(brain_store):
     assert [i["origin_zyx"].tolist() for i in stream] != first
 
 
+def test_volume_cache_serves_the_same_patches_and_keeps_to_its_budget(brain_store):
+    config = VolumeStreamConfig(patch_size=24, patches_per_volume=3)
+    uncached = list(PatchStream(brain_store, config.model_copy(update={"volume_cache_mb": 0})))
+    cached_stream = PatchStream(brain_store, config)
+    cached = list(cached_stream)
+    assert [i["origin_zyx"].tolist() for i in cached] == [i["origin_zyx"].tolist() for i in uncached]
+    for a, b in zip(cached, uncached):
+        assert torch.equal(a["image"], b["image"])
+    cache = cached_stream.cache
+    one = next(iter(cache.whole.values())).nbytes
+    assert len(cache.whole) == len(cached_stream.volumes) and cache.whole_bytes == one * len(cache.whole)
+    small = PatchStream(brain_store, config.model_copy(update={"volume_cache_mb": 1.5 * one / 2**20}))
+    list(small)
+    assert len(small.cache.whole) == 1 and small.cache.whole_bytes <= 1.5 * one  # least recently used out
+    tiny = PatchStream(brain_store, config.model_copy(update={"volume_cache_mb": 0.5 * one / 2**20}))
+    list(tiny)
+    assert not tiny.cache.whole  # a volume larger than the budget is read from its chunks
+
+
+def test_patch_grid_puts_corners_on_its_multiples(brain_store):
+    stream = PatchStream(brain_store, VolumeStreamConfig(patch_size=24, patches_per_volume=4, patch_grid=16))
+    origins = np.array([i["origin_zyx"].tolist() for i in stream])
+    assert (origins % 16 == 0).all() and len({tuple(o) for o in origins}) > 1
+
+
 def test_slices_skip_background_and_carry_masks(brain_store):
     config = VolumeStreamConfig(splits=["test"], slice_axis=0, slice_size=128, min_foreground=0.05)
     stream = SliceStream(brain_store, config, shuffle=False)

@@ -23,7 +23,7 @@ def test_per_node_torchrun_command_has_the_rendezvous(tmp_path):
     assert command[1:3] == ["-m", "torch.distributed.run"]
     assert {"--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29400",
             "--rdzv_id=run"} <= set(command)
-    assert command[-3:] == ["tessera.worker", str(tmp_path / "run"), "--resume"]
+    assert command[-3:] == ["trainers.worker", str(tmp_path / "run"), "--resume"]
 
 
 def test_nodes_become_a_hostfile_for_the_deepspeed_launcher(tmp_path):
@@ -33,7 +33,7 @@ def test_nodes_become_a_hostfile_for_the_deepspeed_launcher(tmp_path):
     assert command[command.index("--hostfile") + 1] == str(tmp_path / "hostfile")
     assert command[command.index("--master_addr") + 1] == "gpu-a"
     assert "--no_ssh_check" not in command  # several hosts: the launcher must reach them over ssh
-    assert command[-2:] == ["tessera.worker", str(tmp_path)]
+    assert command[-2:] == ["trainers.worker", str(tmp_path)]
 
 
 @pytest.mark.parametrize("kwargs,message", [

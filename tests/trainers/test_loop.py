@@ -90,7 +90,7 @@ NAN_SCRIPT = """
 import sys, torch
 from core.methods.reference_ae import ReferenceAutoencoder
 from tessera.config import load_config
-from tessera.worker import run
+from trainers.worker import run
 from trainers.loop import TrainingDiverged
 from trainers.run_dir import create_run_dir
 
