@@ -175,7 +175,7 @@ def latent_figure(run_dir: Path, store: Path, path: Path, fraction: float) -> No
 
     from data_plane.stream import TileStream
     from tessera.config import load_config
-    from trainers.evaluate import load_method
+    from trainers.export import load_method
 
     config = load_config(run_dir / "config.yaml")
     method, _ = load_method(run_dir)

@@ -136,7 +136,8 @@ class StreamConfig(StrictConfig):
 class DataConfig(StrictConfig):
     """Where the store lives, and how it is filled and read."""
 
-    store: str = "runs/store.zarr"                    # local path or fsspec URL of the Zarr store
+    store: str = "runs/store.zarr"                    # local path (or file://) of the Zarr store: ingest's
+                                                      # atomic renames need a local or shared file system
     tissue: TissueConfig = TissueConfig()
     tiles: TileGridConfig = TileGridConfig()
     stain: StainConfig = StainConfig()

@@ -336,7 +336,7 @@ def compare(a: str = typer.Argument(..., help="Run directory (or evaluation fold
     from rich.console import Console
     from rich.table import Table
 
-    from trainers.evaluate import compare_evals
+    from trainers.compare import compare_evals
 
     try:
         result = compare_evals([p for p in a.split(",") if p], [p for p in b.split(",") if p], split, out,
@@ -385,7 +385,7 @@ def compare(a: str = typer.Argument(..., help="Run directory (or evaluation fold
 def export(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
            out: Path = typer.Option(..., help="The file to write, e.g. model.pt.")) -> None:
     """A self-contained scoring file (weights, method and data config) that `tessera score` accepts."""
-    from trainers.evaluate import export_run
+    from trainers.export import export_run
 
     try:
         typer.echo(f"exported {export_run(run_dir, out)}")
@@ -399,7 +399,7 @@ def score(model: Path = typer.Argument(..., help="A run directory or a `tessera 
                                                         "folders, globs)."),
           out: Path = typer.Option(Path("scores"), help="Output folder: scores.csv, heatmaps/, mood/, store.zarr.")) -> None:
     """Score slides or volumes that were never ingested: per-item scores, slide heatmaps, volume score maps."""
-    from trainers.evaluate import score_inputs
+    from trainers.score import score_inputs
 
     try:
         typer.echo(f"scores in {score_inputs(model, inputs, out)}")
@@ -502,7 +502,7 @@ def _project_command(run_dir: Path, store: str, split: str, name: Optional[str],
     import torch
 
     from data_plane.synthetic import SyntheticError, SyntheticSet
-    from trainers.evaluate import load_method
+    from trainers.export import load_method
     from trainers.synthesize import default_batch, project, project_spec, projection_source
 
     try:
@@ -874,14 +874,9 @@ def features_stats(config: Optional[Path] = ConfigArg,
         _fail(str(exc))
     if not method.uses_statistics:
         _fail(f"method '{resolved.method.name}' uses no feature statistics")
-    if resolved.train.data in ("slices", "slice_pairs"):
-        from data_plane.volume_stream import SliceStream
+    from data_plane.kinds import training_stream
 
-        stream = SliceStream(resolved.data.store, resolved.data.volume_stream)
-    else:
-        from data_plane.stream import TileStream
-
-        stream = TileStream(resolved.data.store, resolved.data.stream, stain=resolved.data.stain)
+    stream = training_stream(resolved.data, resolved.train.data)  # what the run would train on
     count = batches or resolved.train.statistics_batches
     stats = compute_statistics(method, stream.batched(resolved.train.micro_batch), count, torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)

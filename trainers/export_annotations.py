@@ -31,7 +31,7 @@ def export_annotations(folder: str | Path, out: str | Path | None = None, thresh
     from data_plane.annotations import region_features, tile_features
     from data_plane.heatmap import read_heatmap
     from data_plane.store import atomic_write_text, read_tile_index
-    from trainers.evaluate import _eval_folder, _read_scores, _run_name
+    from trainers.compare import _eval_folder, _read_scores, _run_name
 
     folder = _eval_folder(Path(folder), split)
     settings = json.loads((folder / "metrics.json").read_text()).get("settings", {})

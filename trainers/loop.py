@@ -90,17 +90,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------ building
 
     def _stream(self):
-        data = self.config.data
-        if self.train.data in ("slices", "slice_pairs"):
-            from data_plane.volume_stream import PairedSliceStream, SliceStream
+        from data_plane.kinds import training_stream
 
-            kind = PairedSliceStream if self.train.data == "slice_pairs" else SliceStream
-            stream = kind(data.store, data.volume_stream, rank=self.env.rank, world_size=self.env.world_size)
-        else:
-            from data_plane.stream import TileStream
-
-            stream = TileStream(data.store, data.stream, stain=data.stain, rank=self.env.rank,
-                                world_size=self.env.world_size)
+        stream = training_stream(self.config.data, self.train.data, self.env.rank, self.env.world_size)
         return stream.batched(self.train.micro_batch)
 
     def enter_swa(self) -> None:
@@ -312,7 +304,7 @@ class Trainer:
             if self.period == "swa" and self.train.swa.bn_batches:
                 with self._autocast():  # the statistics of the activations training produced
                     recompute_batchnorm(model, self._running["batches"], self.train.swa.bn_batches, self.state(),
-                                        self.device, self.dtype, _to_device)
+                                        self.device, self.dtype, on_device)
         self._check_finite("final.pt")
         if self.env.is_main:
             save_final(self.config.method, model.state_dict(), averaged, self.run_dir / "final.pt",

@@ -46,7 +46,7 @@ def latents(seeds, z_dim: int) -> torch.Tensor:
 
 
 def load_generator(run_dir: Path):
-    from trainers.evaluate import load_method
+    from trainers.export import load_method
 
     method, saved = load_method(run_dir)
     if not hasattr(method, "synthesize"):
@@ -195,7 +195,7 @@ def project(run_dir: str | Path, store: str | Path, split: str = "test", name: s
     completion stitches the distances into slide heatmaps ``heatmaps/<name>``."""
     from data_plane.stream import TileStream, on_device
     from data_plane.synthetic import SyntheticSet
-    from trainers.evaluate import load_method
+    from trainers.export import load_method
 
     run_dir = Path(run_dir)
     if rank is None or world is None:

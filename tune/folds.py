@@ -35,7 +35,9 @@ def item_table(config):
     """(items with split, label and group) of the store the config trains from: slides or volumes."""
     import pandas as pd
 
-    if config.train.data in ("slices", "slice_pairs"):
+    from data_plane.kinds import reads_volumes
+
+    if reads_volumes(config.train.data):
         from data_plane.volumes import volume_index
 
         volumes = volume_index(config.data.store)

@@ -17,7 +17,7 @@ def leave_one_out_baseline(maps: dict[str, np.ndarray], normals: list[str], fold
     mean map of the fold's held-out normals, leaving out the map itself (a normal's own false
     positives would cancel). Evaluation takes the mean over a split's normals instead; scoring all of
     them for every trial would cost more than the trial's training. Maps are replaced in place."""
-    from trainers.evaluate import _check_baseline_shape
+    from trainers.eval_volumes import check_baseline_shape
 
     if len(normals) < 2:
         raise ValueError(f"data.volume_stream.normal_baseline: tune's validation subtracts the mean score map of "
@@ -25,7 +25,7 @@ def leave_one_out_baseline(maps: dict[str, np.ndarray], normals: list[str], fold
                          "or set normal_baseline: null for the search")
     shape = maps[normals[0]].shape
     for v, volume in maps.items():
-        _check_baseline_shape(v, volume.shape, shape, f"fold {fold}")
+        check_baseline_shape(v, volume.shape, shape, f"fold {fold}")
     total = sum(maps[v].astype(np.float64) for v in normals)
     held = set(normals)
     for v in list(maps):
@@ -64,13 +64,14 @@ def validate(method, config, folds: Folds, k: int, device=torch.device("cpu"), b
             stain=config.data.stain, shuffle=False)
     else:
         from data_plane.volume_stream import SliceStream
-        from trainers.evaluate import score_volumes, smooth_scores, volume_score
+        from core.scoring import smooth_scores
+        from trainers.eval_volumes import score_volumes
 
         stream_config = config.data.volume_stream.model_copy(update={
             "splits": splits, "labels": None, "groups": None, "min_foreground": 0.0, "augment": "none"})
         voxels, _ = score_volumes(method, config.data.store, stream_config, sorted(held | anomalies), batch_size,
                                    0, False, device, "")
-        reduce = getattr(method, "sample_score", volume_score)
+        reduce = method.sample_score
         items = list(voxels)
         labels = [1 if v in anomalies else 0 for v in items]
         for v in items:

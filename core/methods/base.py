@@ -122,6 +122,12 @@ class Method(nn.Module):
         scores, maps = self.score(batch)
         return scores, maps, self.score_terms(batch)
 
+    def sample_score(self, voxel_scores) -> float:
+        """A volume's score from its (smoothed, baseline-subtracted) voxel scores: the mean of the top 0.1 %."""
+        from core.scoring import volume_score
+
+        return volume_score(voxel_scores)
+
     def reconstruction(self, images: torch.Tensor) -> torch.Tensor | None:
         return None
 

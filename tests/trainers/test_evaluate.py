@@ -80,7 +80,8 @@ def test_eval_writes_metrics_curves_heatmaps_and_page(trained):
 
     # Slide-level results: one score per test slide, the mean of its top 5 % tiles (at least one), labelled
     # anomalous when any tile is, in its tiles' group.
-    from trainers.evaluate import slide_label, slide_score
+    from core.scoring import slide_score
+    from trainers.evaluate import slide_label
 
     slides = saved["slides"]
     assert (slides["overall"]["n_normal"], slides["overall"]["n_anomalous"]) == (1, len(SLIDE_GROUPS))
@@ -271,7 +272,8 @@ def test_eval_crop_scores_the_centre_of_each_tile(trained, tmp_path):
 
 
 def test_export_then_score_new_slides(trained, tmp_path):
-    from trainers.evaluate import export_run, score_inputs
+    from trainers.export import export_run
+    from trainers.score import score_inputs
 
     run_dir, _, bench = trained
     model = export_run(run_dir, tmp_path / "model.pt")
@@ -362,7 +364,8 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
     # ranks a volume's scores minus it, the stored voxel scores stay unsubtracted, and a rerun reuses it.
     import zarr
 
-    import trainers.evaluate as evaluation
+    import core.scoring as scoring
+    import trainers.eval_volumes as evaluation
     from data_plane.volumes import volume_array, volume_index
 
     index = volume_index(store)
@@ -382,7 +385,7 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
         scores = written["0"][:]
         assert np.allclose(scores, unsubtracted[volume_id], atol=1e-6)
         assert written.attrs["tessera"]["sample_score"] == pytest.approx(
-            evaluation.volume_score(scores - expected), abs=1e-5)
+            scoring.volume_score(scores - expected), abs=1e-5)
     scored = []
     with monkeypatch.context() as patch:
         real = evaluation.score_volumes
@@ -427,7 +430,7 @@ def test_smoothing_a_score_volume_brings_out_a_blob_scored_slice_by_slice():
     import numpy as np
     from sklearn.metrics import average_precision_score
 
-    from trainers.evaluate import smooth_scores
+    from core.scoring import smooth_scores
 
     rng = np.random.default_rng(0)
     zz, yy, xx = np.mgrid[:40, :40, :40]

@@ -59,7 +59,7 @@ def test_pgan_enc_on_volume_slices_reports_terms_per_volume(tmp_path):
     from data_plane.benchmarks import make_brain_benchmark
     from data_plane.ingest import ingest, resolve_sources
     from tessera.config import load_config
-    from trainers.evaluate import pooled_slice_term
+    from core.scoring import pooled_slice_term
 
     manifest = make_brain_benchmark(tmp_path / "brain", subjects=6, resolution=2, seed=4, show_progress=False)
     store = tmp_path / "brain.zarr"

@@ -116,7 +116,7 @@ def test_g_ema_is_the_half_life_average_of_the_named_networks(make_trainer):
     trainer.finish()
     final = load_file(trainer.run_dir / "final.pt", "tessera-final")
     assert set(final["ema"]) == {"G", "E"}
-    from trainers.evaluate import load_method
+    from trainers.export import load_method
 
     method, _ = load_method(trainer.run_dir)  # evaluation and export use G_ema
     for key, value in method.G.state_dict().items():
