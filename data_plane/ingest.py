@@ -1,9 +1,9 @@
 """Ingest: slides and volumes into the store, atomic per item, resumable, parallel across items.
 
-One slide goes through :func:`ingest_slide` (tissue mask → annotations → pyramid → tile index), one
-volume through :func:`data_plane.volumes.ingest_volume`; each is built under ``.tessera/partial/<id>`` and
+Sources come from :mod:`data_plane.sources`. One slide goes through :func:`ingest_slide` (tissue mask →
+annotations → pyramid (:mod:`data_plane.pyramid`) → tile index), one volume through :func:`data_plane.volumes.ingest_volume`; each is built under ``.tessera/partial/<id>`` and
 renamed into ``slides/`` or ``volumes/`` only when complete. The driver, :func:`ingest`, decides
-what to (re)do from ``manifest.json``, runs items in-process or as Ray tasks, records each outcome
+what to (re)do from ``manifest.json``, runs items in-process or as Ray tasks (:mod:`data_plane.ingest_ray`), records each outcome
 (done, or failed with its reason) and rebuilds ``tiles.parquet`` and ``volumes.parquet``.
 """
 
@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from data_plane.config import DataConfig
+from data_plane.pyramid import write_level0, write_reduced
 from data_plane.sources import (IngestError, Source, SourceError, read_manifest_csv, resolve_sources, sha256_of,
                                 source_for)
 from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, is_storage_error, own, \
@@ -115,68 +116,6 @@ def target_downsample(config: DataConfig, mpp0: float | None, power0: float | No
         raise IngestError(f"'{name}' was scanned at {power0 or '?'}x / {mpp0 or '?'} um/px, coarser than the "
                           f"requested {wanted}: tiles would be upsampled. Lower data.tiles.magnification.")
     return factor
-
-
-def _write_level0(slide, array, chunk_grid: np.ndarray, chunk: int, threads: int, stain,
-                  progress: Callable[[int], None]) -> None:
-    from data_plane.store import LevelWriter
-    from data_plane.tissue import composite_on_white
-
-    height, width = array.shape[1:]
-    writer = LevelWriter(array)
-
-    def copy(cy_cx):
-        cy, cx = cy_cx
-        y, x = cy * chunk, cx * chunk
-        h, w = min(chunk, height - y), min(chunk, width - x)
-        try:
-            region = slide.read_region((x, y), 0, (w, h))
-        except Exception as exc:
-            raise IngestError(f"reading level-0 region (y={y}, x={x}) failed (truncated or corrupt file?): "
-                              f"{exc}") from exc
-        pixels = np.asarray(composite_on_white(region))
-        if stain is not None:
-            pixels = stain.normalize_uint8(pixels)
-        writer.write(y, x, pixels.transpose(2, 0, 1))
-
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(copy, zip(*np.nonzero(chunk_grid))):
-            progress(1)
-
-
-def reduce_2x2(block: np.ndarray) -> np.ndarray:
-    """A (3, 2h, 2w) uint8 block as (3, h, w): each pixel the mean of its 2x2 parents, rounded half up."""
-    from PIL import Image
-
-    image = Image.fromarray(np.ascontiguousarray(block.transpose(1, 2, 0)))
-    return np.asarray(image.reduce(2)).transpose(2, 0, 1)
-
-
-def _write_reduced(parent, array, parent_grid: np.ndarray, chunk: int, threads: int,
-                   progress: Callable[[int], None]) -> np.ndarray:
-    """Level l from level l-1 by 2x2 mean; a chunk is written when any of its 4 parents was."""
-    from data_plane.store import LevelReader, LevelWriter
-
-    reader, writer = LevelReader(parent), LevelWriter(array)
-    height, width = array.shape[1:]
-    grid_h, grid_w = math.ceil(height / chunk), math.ceil(width / chunk)
-    padded = np.zeros((grid_h * 2, grid_w * 2), bool)
-    padded[: parent_grid.shape[0], : parent_grid.shape[1]] = parent_grid
-    grid = padded.reshape(grid_h, 2, grid_w, 2).any(axis=(1, 3))
-
-    def reduce(cy_cx):
-        cy, cx = cy_cx
-        block = reader.read(cy * chunk * 2, cx * chunk * 2, chunk * 2, chunk * 2)
-        # PIL's 2x2 box reduction rounds as (sum + 2) // 4, bit-identical to the numpy form and ~4.5x
-        # faster (bench/ingest.py; tests/data_plane/test_ingest.py checks the equality)
-        small = reduce_2x2(block)
-        y, x = cy * chunk, cx * chunk
-        writer.write(y, x, small[:, : min(chunk, height - y), : min(chunk, width - x)])
-
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(reduce, zip(*np.nonzero(grid))):
-            progress(1)
-    return grid
 
 
 def _tile_rows(source: Source, shape0: tuple[int, int], levels: int, factor: float, config: DataConfig,
@@ -299,9 +238,9 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
                 str(level), shape=(3, *shape), chunks=(3, chunk, chunk), dtype="uint8", fill_value=BACKGROUND,
                 compressors=compressor, dimension_names=["c", "y", "x"]))
             if level == 0:
-                _write_level0(slide, arrays[0], grid, chunk, config.ingest.threads, stain, advance)
+                write_level0(slide, arrays[0], grid, chunk, config.ingest.threads, stain, advance)
             else:
-                grid = _write_reduced(arrays[level - 1], arrays[level], grid, chunk, config.ingest.threads, advance)
+                grid = write_reduced(arrays[level - 1], arrays[level], grid, chunk, config.ingest.threads, advance)
 
         write_label(group, "tissue", tissue, tissue_ds, mpp0, len(shapes), compressor, LABEL_COLOURS["tissue"],
                     {"kind": "tissue"})
@@ -476,7 +415,9 @@ def ingest(sources: list[Source], store: str | Path, config: DataConfig, workers
                 for source in todo:
                     finish(source, ingest_item_safely(source, str(root), config, item_progress))
             else:
-                _ingest_with_ray(todo, root, config, workers, ray_address, finish, item_progress)
+                from data_plane.ingest_ray import ingest_with_ray
+
+                ingest_with_ray(todo, root, config, workers, ray_address, finish, item_progress)
 
         report.tiles = rebuild_tile_index(root)
         report.volumes = rebuild_volume_index(root)
@@ -492,62 +433,3 @@ def _remove_item(root: Path, source: Source) -> bool:
     own(root, index, f"{source.item_id}.parquet").unlink(missing_ok=True)
     shutil.rmtree(root / folder / source.item_id, ignore_errors=True)
     return existed
-
-
-class _ProgressBoard:
-    """A Ray actor the workers report per-item progress to; the driver polls it for the bars."""
-
-    def __init__(self):
-        self.state: dict[str, tuple[int, int]] = {}
-
-    def update(self, item_id: str, done: int, total: int) -> None:
-        self.state[item_id] = (done, total)
-
-    def read(self) -> dict[str, tuple[int, int]]:
-        return dict(self.state)
-
-
-class _ReportTo:
-    """A picklable progress callback that forwards to the board at most every 2% of an item."""
-
-    def __init__(self, board):
-        self.board, self.last = board, {}
-
-    def __call__(self, item_id: str, done: int, total: int) -> None:
-        if done >= total or done - self.last.get(item_id, -total) >= max(1, total // 50):
-            self.last[item_id] = done
-            self.board.update.remote(item_id, done, total)
-
-
-def _ingest_with_ray(todo: list[Source], root: Path, config: DataConfig, workers: int,
-                     ray_address: str | None, finish, item_progress) -> None:
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                     _temp_dir=os.environ.get("RAY_TMPDIR"))
-    try:
-        board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
-        task = ray.remote(num_cpus=1, max_retries=0)(ingest_item_safely)
-        pending = {task.remote(source, str(root), config, _ReportTo(board)): source for source in todo}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for item_id, (done, total) in ray.get(board.read.remote()).items():
-                item_progress(item_id, done, total)
-            for ref in ready:
-                source = pending.pop(ref)
-                try:
-                    entry = ray.get(ref)
-                except Exception as exc:  # the worker process died (e.g. out of memory)
-                    if is_storage_error(getattr(exc, "cause", None) or exc, root):
-                        raise getattr(exc, "cause", None) or exc from None
-                    entry = {"status": "failed", "kind": source.kind, "source": str(source.path),
-                             "reason": f"worker died while ingesting: {type(exc).__name__}: {exc}"}
-                finish(source, entry)
-    finally:
-        if started_here:
-            ray.shutdown()

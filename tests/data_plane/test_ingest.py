@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import zarr
 
-from data_plane.ingest import Source, SourceError, ingest, read_manifest_csv, reduce_2x2, resolve_sources
+from data_plane.ingest import Source, SourceError, ingest, read_manifest_csv, resolve_sources
+from data_plane.pyramid import reduce_2x2
 from data_plane.store import LevelReader, LevelWriter
 
 
