@@ -269,6 +269,41 @@ def compare(a: str = typer.Argument(..., help="Run directory (or evaluation fold
 
 
 @app.command()
+def fuse(runs: list[str] = typer.Argument(..., help="Two or more run directories (or evaluation folders), "
+                                                 "evaluated on the same items."),
+         out: Path = typer.Option(..., help="Output folder: an evaluation (scores.csv, metrics.json, curves) "
+                                            "that `tessera compare` takes."),
+         split: str = typer.Option("test", help="The split the runs were evaluated on (RUN_DIR/eval-SPLIT)."),
+         normalise: str = typer.Option("rank", help="Each run's scale before the sum: rank or robust-z (label-free)."),
+         choose_on: Optional[str] = typer.Option(None, help="Choose the weights by AUROC on this split's evaluations "
+                                                            "(e.g. val: a few known anomalies); default equal weights."),
+         choose_groups: Optional[str] = typer.Option(None, help="Comma-separated anomaly groups that choose; the "
+                                                                "other groups are held out (kinds never seen)."),
+         step: float = typer.Option(0.1, min=0.01, max=0.5, help="Weight grid step.")) -> None:
+    """Fuse several runs' scores into one (rank- or robust-z-normalised weighted sum), with weights chosen by a
+    few known anomalies or equal: metrics per group with intervals, fusion.json with what chose the weights."""
+    from trainers.fuse import fuse_evals
+
+    try:
+        result = fuse_evals(runs, out, split, normalise, choose_on,
+                            [g for g in (choose_groups or "").split(",") if g] or None, step)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    fusion = result["fusion"]
+    chose = (f"chosen on {fusion['selection']['split']} ({fusion['selection']['anomalous']} anomalies of "
+             f"{', '.join(fusion['selection']['groups'])}; AUROC there {fusion['selection']['auroc']:.3f})"
+             if fusion["selection"] else "equal")
+    typer.echo(f"weights {chose}: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(fusion["names"], fusion["weights"])))
+    typer.echo(f"{split} image AUROC: fused {result['overall']['image_auroc']:.3f} "
+               f"[{result['overall']['image_auroc_low']:.2f}-{result['overall']['image_auroc_high']:.2f}]; "
+               + ", ".join(f"{n} {a:.3f}" for n, a in fusion["single_auroc"].items()))
+    for group, values in result["groups"].items():
+        held = " (held out of the choice)" if fusion["held_out_groups"] and group in fusion["held_out_groups"] else ""
+        typer.echo(f"  {group}: {values['image_auroc']:.3f}{held}")
+    typer.echo(f"written to {out}; pair it with a run: tessera compare {out} RUN --split {split}")
+
+
+@app.command()
 def export(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
            out: Path = typer.Option(..., help="The file to write, e.g. model.pt.")) -> None:
     """A self-contained scoring file (weights, method and data config) that `tessera score` accepts."""
