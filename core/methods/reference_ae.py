@@ -5,6 +5,9 @@ It is the baseline every real method must beat, and small enough to train in CI.
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -29,6 +32,8 @@ class ReferenceAutoencoder(Method):
         width: int = Field(32, ge=4)                  # channels after the first convolution (doubling per level)
         depth: int = Field(4, ge=1, le=7)             # stride-2 levels; inputs must be divisible by 2**depth
         bottleneck: int = Field(64, ge=1)             # channels of the bottleneck feature map
+        image_pooling: Literal["mean", "top"] = "mean"  # image score: the error map's mean, or the mean of
+        pooling_top: float = Field(0.1, gt=0, le=1)     # its highest pooling_top share (scoring only)
 
     def __init__(self, config: "ReferenceAutoencoder.Config"):
         super().__init__()
@@ -54,8 +59,12 @@ class ReferenceAutoencoder(Method):
 
     @torch.no_grad()
     def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image score: mean squared error; pixel map: squared error averaged over channels."""
+        """Image score: mean squared error (or the mean of its highest ``pooling_top`` share of pixels);
+        pixel map: squared error averaged over channels."""
         images = batch["image"]
         error = (self(images) - images) ** 2
         pixel = error.mean(dim=1, keepdim=True)
-        return pixel.flatten(1).mean(dim=1), pixel
+        flat = pixel.flatten(1)
+        if self.config.image_pooling == "top":
+            return flat.topk(max(1, math.ceil(self.config.pooling_top * flat.shape[1])), dim=1).values.mean(dim=1), pixel
+        return flat.mean(dim=1), pixel

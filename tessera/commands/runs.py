@@ -304,6 +304,36 @@ def fuse(runs: list[str] = typer.Argument(..., help="Two or more run directories
 
 
 @app.command()
+def posthoc(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
+            search: list[str] = typer.Option(..., "--search", help="KEY=V1,V2,… a scoring setting and its values: a "
+                                             "method option that shapes scoring (image_pooling=mean,top), or "
+                                             "score_smoothing / normal_baseline (volume runs). Repeatable."),
+            choose_split: str = typer.Option("val", help="The split whose known anomalies choose."),
+            choose_groups: Optional[str] = typer.Option(None, help="Comma-separated anomaly groups that choose; the "
+                                                                   "others are judged as kinds never seen."),
+            test_split: str = typer.Option("test", help="The split the pick and the default are judged on."),
+            out: Optional[Path] = typer.Option(None, help="Output folder (default RUN_DIR/posthoc)."),
+            workers: int = typer.Option(0, min=0, help="DataLoader workers per evaluation.")) -> None:
+    """Choose scoring settings of a trained run by a few known anomalies, without retraining; judge the pick
+    against the default on the test split (paired intervals, overall and on held-out groups)."""
+    from trainers.posthoc import parse_space, posthoc_search
+
+    try:
+        space = parse_space(search)
+        result = posthoc_search(run_dir, space, choose_split, [g for g in (choose_groups or "").split(",") if g] or None,
+                                test_split, out, workers, log=typer.echo)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"pick: {result['pick']} (chosen on {choose_split}, anomalies of {result['selection']['groups']})")
+    for group, row in result["pick_minus_default"].items():
+        low, high = row["difference_ci"]
+        held = " (held out of the choice)" if group in result["held_out_groups"] else ""
+        typer.echo(f"  {test_split} {group}: pick {row['auroc_a']:.3f}, default {row['auroc_b']:.3f}, "
+                   f"difference {row['difference']:+.3f} [{low:+.2f}, {high:+.2f}]{held}")
+    typer.echo(f"apply it: {result['apply']}")
+
+
+@app.command()
 def export(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
            out: Path = typer.Option(..., help="The file to write, e.g. model.pt.")) -> None:
     """A self-contained scoring file (weights, method and data config) that `tessera score` accepts."""

@@ -513,3 +513,22 @@ def test_stylegan2_and_its_encoder_are_evaluated_like_any_method(trained, tmp_pa
     assert saved["settings"]["method_options"] == {"refine_steps": 2} and "generator" not in saved
     assert 0 <= saved["overall"]["image_auroc"] <= 1 and "pixel_ap" in saved["overall"]
     assert (encoder_run / "eval-test" / "reconstructions.png").stat().st_size > 1000
+
+
+def test_posthoc_on_a_trained_run_judges_the_pick_on_held_out_groups(trained, tmp_path):
+    import json
+
+    from trainers.posthoc import posthoc_search
+
+    run_dir, _, _ = trained
+    result = posthoc_search(run_dir, {"image_pooling": ["mean", "top"], "pooling_top": [0.05]}, choose_split="test",
+                            choose_groups=["ihc_tissue"], out=tmp_path / "ph", log=lambda line: None)
+    saved = json.loads((tmp_path / "ph" / "posthoc.json").read_text())
+    assert saved["pick"] == max(saved["trials"], key=lambda t: t["auroc"])["setting"]
+    assert len(saved["trials"]) == 2 and saved["selection"]["normals_shared_with_test"]
+    assert all("ihc_tissue" in i or i.startswith("test_normal") for i in saved["selection"]["items"])
+    assert "ihc_tissue" not in saved["held_out_groups"] and "he_tissue" in saved["held_out_groups"]
+    assert set(saved["pick_minus_default"]) >= {"overall", "he_tissue"}
+    assert saved["apply"].startswith(f"tessera eval {run_dir} --option image_pooling=")
+    assert result["test"]["default"]["overall"]["image_auroc"] == pytest.approx(
+        json.loads((tmp_path / "ph" / "default-test" / "metrics.json").read_text())["overall"]["image_auroc"])
