@@ -87,13 +87,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
+def set_key(tree: dict, path: list[str], value: Any, what: str) -> None:
+    """``tree[path[0]][path[1]]… = value``, making sections on the way; ``what`` names the setting (``--set
+    'x=1'``, a search key) in the error when a section on the path is a value."""
     node = tree
     for depth, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(path[: depth + 1])
-            raise ConfigError(f"--set {text!r}: '{where}' is a value ({child!r}), not a section")
+            raise ConfigError(f"{what}: '{where}' is a value ({child!r}), not a section")
         node = child
     node[path[-1]] = value
 
@@ -175,7 +177,7 @@ def _read_tree(path: str | Path | None, overrides: list[str] | None) -> tuple[di
     source_of: dict[str, str] = {}
     for text in overrides or []:
         keys, value = parse_override(text)
-        _apply_override(tree, keys, value, text)
+        set_key(tree, keys, value, f"--set {text!r}")
         source_of[".".join(keys)] = f"--set {text}"
     return tree, source_of, source
 

@@ -49,9 +49,9 @@ def load_generator(run_dir: Path):
     from trainers.export import load_method
 
     method, saved = load_method(run_dir)
-    if not hasattr(method, "synthesize"):
-        raise ValueError(f"run '{run_dir}' trained '{method.method_name}', which generates no images: synthesize "
-                         f"needs a generator run (stylegan2, stylegan2_encoder)")
+    if not method.generates_tiles:
+        raise ValueError(f"run '{run_dir}' trained '{method.method_name}', which generates no tiles: synthesize "
+                         f"needs a generator run (stylegan2)")
     return method, saved
 
 
@@ -203,7 +203,7 @@ def project(run_dir: str | Path, store: str | Path, split: str = "test", name: s
     device = device or (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
                         else torch.device("cpu"))
     method, _ = load_method(run_dir, options)
-    if not hasattr(method, "inverted"):
+    if not method.projects_tiles:
         raise ValueError(f"run '{run_dir}' trained '{method.method_name}', which cannot invert tiles: --project "
                          f"needs a stylegan2 or stylegan2_encoder run")
     method.to(device)

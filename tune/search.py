@@ -22,13 +22,11 @@ import numpy as np
 
 def apply_params(tree: dict, params: dict) -> dict:
     """The config tree with dotted keys set (``train.lr`` -> tree["train"]["lr"])."""
+    from core.run_config import set_key
+
     tree = copy.deepcopy(tree)
     for key, value in params.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_key(tree, key.split("."), value, f"search key {key!r}")
     return tree
 
 

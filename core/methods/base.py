@@ -26,6 +26,8 @@ checkpoints, and calls only what is named here:
                                 through ``score_with_terms`` (scores, maps and terms from one forward),
 - ``reconstruction(images)``    what the method rebuilds of tiles in [0, 1], for evaluation's
                                 reconstructions.png (None: it does not reconstruct),
+- ``generates_tiles`` / ``projects_tiles`` and ``synthesize`` / ``inverted``  what `tessera synthesize`
+                                (and its ``--project``) ask of a generator,
 - ``generated(count, first_seed)``  a generator's images in [0, 1] from seeds first_seed… (None: not a
                                 generator); evaluation compares them with the split's normal tiles (FD/KD).
 """
@@ -76,6 +78,9 @@ class Method(nn.Module):
 
     Config: type
     uses_statistics: bool = False   # True: the trainer computes statistics() once and calls set_statistics()
+    generates_tiles: bool = False   # True: synthesize(z, psi, noise_mode) makes tiles (`tessera synthesize`)
+    projects_tiles: bool = False    # True: inverted(images) gives {"w", "reconstruction", "distance"}
+                                    # for `tessera synthesize --project`
     adjust_interval: int = 0        # > 0: the trainer calls adjust() every this many steps
 
     def groups(self) -> dict[str, nn.Module]:

@@ -96,6 +96,7 @@ class StyleGAN2Config(StrictConfig):
 
 @register_method("stylegan2")
 class StyleGAN2(Method):
+    generates_tiles = projects_tiles = True
     Config = StyleGAN2Config
     adjust_interval = 4
     uses_statistics = True  # the real images' features, for FD/KD at snapshots (empty when metrics is off)

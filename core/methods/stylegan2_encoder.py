@@ -43,6 +43,7 @@ def _load_generator(path: str):
 
 @register_method("stylegan2_encoder")
 class StyleGAN2Encoder(Method):
+    projects_tiles = True
     Config = EncoderConfig
 
     def __init__(self, config: EncoderConfig):
