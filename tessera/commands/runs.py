@@ -533,7 +533,7 @@ def features_stats(config: Optional[Path] = ConfigArg,
 
 
 @app.command()
-def demo(config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml",
+def demo(config: Path = typer.Option(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
                                      help="Demo recipe."),
          overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Run the whole pipeline on the bundled sample data."""
