@@ -6,18 +6,19 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
-
-from core.config import StrictConfig
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Commands whose parallel form is a Ray cluster (head on the first node, workers on the rest).
 RAY_COMMANDS = ("tune", "ingest")
 SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|PRIVATE_?KEY|ACCESS_?KEY)", re.I)
 
 
-class JobSpec(StrictConfig):
+class JobSpec(BaseModel):
     """One job: ``tessera <command…>`` with its resources. Values are data, never shell text: every
     backend quotes them (shlex.quote) or passes them as argument lists."""
+
+    # as core.config.StrictConfig, without importing the project: cluster loads nothing of it at import
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     command: list[str] = Field(..., min_length=1)    # tessera's arguments, e.g. ["train", "configs/x.yaml"]
     name: str = "tessera"                             # job name (letters, digits, . _ -)

@@ -1,8 +1,8 @@
 """The run config: one tree composed of each package's config, loaded from YAML plus ``--set`` overrides.
 
-It sits in core, the bottom layer, with the packages' schema modules (``data_plane.config``,
-``trainers.config``, ``tune.config``: pydantic only) as its one exception to core importing nothing of
-the packages above: every package can take a validated config from here (tests/test_layers.py).
+It sits in core, the bottom layer, with every section's schema (core.data_config, core.train_config,
+core.tune_config; ``data_plane.config`` and the like re-export them): every package takes a validated
+config from here, and core imports nothing of the packages above it (tests/test_layers.py).
 
 Everything is validated once, before any work starts. Errors name the offending key, where it came
 from (the YAML file or the ``--set`` flag) and, for unknown keys, the nearest valid key.
@@ -21,9 +21,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from core.config import StrictConfig
 from core.methods import MethodConfig
-from data_plane.config import DataConfig
-from trainers.config import TrainConfig
-from tune.config import TuneConfig
+from core.data_config import DataConfig
+from core.train_config import TrainConfig
+from core.tune_config import TuneConfig
 
 
 class RunConfig(StrictConfig):
@@ -147,7 +147,7 @@ def resumed_config(path: str | Path, overrides: list[str]) -> RunConfig:
     learning rates, steps, logging); any other key is refused, naming the ones allowed."""
     import fnmatch
 
-    from trainers.config import RESUMABLE_KEYS
+    from core.train_config import RESUMABLE_KEYS
 
     for text in overrides:
         keys, _ = parse_override(text)

@@ -6,7 +6,6 @@ backend is one file, registered by name. A submitted job becomes a JobRecord in 
 from __future__ import annotations
 
 from cluster.spec import JobSpec
-from core.registry import Registry
 
 
 class BackendError(RuntimeError):
@@ -18,10 +17,27 @@ def _named(name: str, cls: type) -> None:
     cls.name = name
 
 
-BACKENDS = Registry("backend", modules=[f"cluster.backends.{m}" for m in ("kubernetes", "local", "ray_jobs", "slurm")],
-                    error=BackendError, check=_named)
-register_backend = BACKENDS.register
-backend_names = BACKENDS.names
+_BACKENDS = None
+
+
+def _registry():
+    """The backends' core.registry.Registry, made at the first use: importing cluster loads no project code."""
+    global _BACKENDS
+    if _BACKENDS is None:
+        from core.registry import Registry
+
+        _BACKENDS = Registry("backend", modules=[f"cluster.backends.{m}" for m in ("kubernetes", "local", "ray_jobs",
+                                                                                  "slurm")],
+                             error=BackendError, check=_named)
+    return _BACKENDS
+
+
+def register_backend(name: str):
+    return _registry().register(name)
+
+
+def backend_names() -> list[str]:
+    return _registry().names()
 
 
 class Backend:
@@ -50,4 +66,4 @@ class Backend:
 
 
 def get_backend(name: str) -> Backend:
-    return BACKENDS.get(name)()
+    return _registry().get(name)()
