@@ -1,10 +1,15 @@
 """Ingest: slides and volumes into the store, atomic per item, resumable, parallel across items.
 
 Sources come from :mod:`data_plane.sources`. One slide goes through :func:`ingest_slide` (tissue mask →
-annotations → pyramid (:mod:`data_plane.pyramid`) → tile index), one volume through :func:`data_plane.volumes.ingest_volume`; each is built under ``.tessera/partial/<id>`` and
-renamed into ``slides/`` or ``volumes/`` only when complete. The driver, :func:`ingest`, decides
-what to (re)do from ``manifest.json``, runs items in-process or as Ray tasks (:mod:`data_plane.ingest_ray`), records each outcome
-(done, or failed with its reason) and rebuilds ``tiles.parquet`` and ``volumes.parquet``.
+annotations → pyramid (:mod:`data_plane.pyramid`) → tile index), one volume through
+:func:`data_plane.volumes.ingest_volume`; each is built under ``.tessera/partial/<id>`` and renamed into
+``slides/`` or ``volumes/`` only when complete. The driver, :func:`ingest`, decides what to (re)do from
+``manifest.json``, runs items in-process or as Ray tasks (:mod:`data_plane.ingest_ray`), records each
+outcome (done, or failed with its reason) and rebuilds ``tiles.parquet`` and ``volumes.parquet``.
+
+It stays near 430 lines because one slide's ingest and the driver's bookkeeping (manifest, locks,
+partial items, index rebuilds) are each one transaction; the pyramid, the sources and the Ray executor
+live in their own modules.
 """
 
 from __future__ import annotations

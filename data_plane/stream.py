@@ -1,4 +1,6 @@
-"""Streams of tiles from the store, for training (:class:`TileStream`) and inference (:class:`GridStream`).
+"""Streams of tiles from the store, for training (:class:`TileStream`) and inference (:class:`GridStream`),
+and the sharded base class the volume streams share (:class:`ShardedStream`: epochs, ranks x workers,
+batches, resume), which is why this file is past 400 lines: the sharding is one thing, said once.
 
 Sharding: an epoch's order is a permutation of the selected tiles drawn from ``(seed, epoch)``;
 rank r takes every world_size-th tile starting at r, and its dataloader worker w every
@@ -72,15 +74,21 @@ def select_tiles(tiles, config: StreamConfig):
     return (picked if share >= 1 else pd.concat([real, picked])).reset_index(drop=True)
 
 
-def _filter(tiles, config: StreamConfig):
-    keep = tiles["split"].isin(config.splits) & (tiles["tissue_fraction"] >= config.min_tissue_fraction)
+def filter_items(table, config, id_column: str, keep=None):
+    """Rows of a tile or volume index that pass a stream config's split, label, group and id filters (and
+    ``keep``, a boolean Series of the caller's own), order kept."""
+    keep = table["split"].isin(config.splits) & (True if keep is None else keep)
     if config.labels is not None:
-        keep &= tiles["label"].isin(config.labels)
+        keep &= table["label"].isin(config.labels)
     if config.groups is not None:
-        keep &= tiles["group"].isin(config.groups)
+        keep &= table["group"].isin(config.groups)
     if config.ids is not None:
-        keep &= tiles["slide_id"].isin(config.ids)
-    return tiles[keep].reset_index(drop=True)
+        keep &= table[id_column].isin(config.ids)
+    return table[keep].reset_index(drop=True)
+
+
+def _filter(tiles, config: StreamConfig):
+    return filter_items(tiles, config, "slide_id", tiles["tissue_fraction"] >= config.min_tissue_fraction)
 
 
 def shard(order: np.ndarray, rank: int, world_size: int, worker: int, num_workers: int) -> np.ndarray:

@@ -20,19 +20,12 @@ import torch.nn.functional as F
 
 from data_plane.config import VolumeStreamConfig
 from data_plane.store import store_path
-from data_plane.stream import TARGETS, ShardedStream
+from data_plane.stream import TARGETS, ShardedStream, filter_items
 from data_plane.volumes import volume_array, volume_index
 
 
 def select_volumes(volumes, config: VolumeStreamConfig):
-    keep = volumes["split"].isin(config.splits)
-    if config.labels is not None:
-        keep &= volumes["label"].isin(config.labels)
-    if config.groups is not None:
-        keep &= volumes["group"].isin(config.groups)
-    if config.ids is not None:
-        keep &= volumes["volume_id"].isin(config.ids)
-    return volumes[keep].reset_index(drop=True)
+    return filter_items(volumes, config, "volume_id")
 
 
 class _Volumes:

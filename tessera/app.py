@@ -97,3 +97,16 @@ def storage_message(exc: OSError) -> str:
                 f"(--store, --run-dir or --out)")
     return (f"could not write to {place}: {os.strerror(exc.errno).lower()}. Fix the permissions of {folder} or "
             f"choose another location")
+
+
+def _method_options(items: Optional[list[str]]) -> dict:
+    """``--option KEY=VALUE`` pairs, values typed as YAML."""
+    import yaml
+
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options

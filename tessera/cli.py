@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from tessera.app import app, storage_message
-# importing a family registers its commands, in this order in `tessera --help`: data, runs, then jobs
+# importing a family registers its commands, in this order in `tessera --help`
 from tessera.commands import data  # noqa: F401  isort:skip
 from tessera.commands import runs  # noqa: F401  isort:skip
+from tessera.commands import judge  # noqa: F401  isort:skip
+from tessera.commands import generate  # noqa: F401  isort:skip
 from tessera.commands import jobs  # noqa: F401  isort:skip
 
 __all__ = ["app", "main"]

@@ -1,4 +1,4 @@
-"""Commands about runs: train, eval, compare, export, score, synthesize, features stats, demo."""
+"""Commands about runs: train, eval, export, score, features stats, demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from tessera.app import SET_HELP, ConfigArg, _fail, _load, _WritingTo, app, features_app  # noqa: F401
+from tessera.app import SET_HELP, ConfigArg, _fail, _load, _method_options, _WritingTo, app, features_app  # noqa: F401
 
 
 @app.command()
@@ -179,19 +179,6 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished training run d
                    f"{generator['images']} images")
 
 
-def _method_options(items: Optional[list[str]]) -> dict:
-    """``--option KEY=VALUE`` pairs, values typed as YAML."""
-    import yaml
-
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"--option takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
-
-
 def _run_store(run_dir: Path) -> str | None:
     """The store a run was trained on (its config's data.store), for messages; None if unreadable."""
     from tessera.config import ConfigError, load_config
@@ -207,130 +194,6 @@ def _with_interval(values: dict, key: str) -> str:
     if f"{key}_low" not in values:
         return f"{values[key]:.3f}"
     return f"{values[key]:.3f} [{values[key + '_low']:.2f}, {values[key + '_high']:.2f}]"
-
-
-@app.command()
-def compare(a: str = typer.Argument(..., help="Run directory (or evaluation folder) A; several, comma-separated "
-                                        "(e.g. one per seed), are averaged."),
-            b: str = typer.Argument(..., help="Run directory (or evaluation folder) B, evaluated on the same items; "
-                                        "comma-separated like A."),
-            split: str = typer.Option("test", help="The split both were evaluated on (RUN_DIR/eval-SPLIT)."),
-            out: Optional[Path] = typer.Option(None, help="Output folder; default A's eval folder/compare-<B>."),
-            resamples: int = typer.Option(2000, min=100, help="Paired bootstrap resamples."),
-            level: float = typer.Option(0.95, min=0.5, max=0.999, help="Coverage of the intervals.")) -> None:
-    """Is A better than B? Image AUROC (and pixel AP) per group with paired bootstrap intervals: compare.json,
-    compare.png."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from trainers.compare import compare_evals
-
-    try:
-        result = compare_evals([p for p in a.split(",") if p], [p for p in b.split(",") if p], split, out,
-                               resamples, level)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    table = Table(title=f"image AUROC: A = {result['name_a']}, B = {result['name_b']} "
-                        f"({level:.0%} intervals, {resamples} paired bootstrap resamples)")
-    several = len(result["a"]) > 1 or len(result["b"]) > 1
-    columns = ["group", "normal", "anomalous", "A", "B", "A − B", "A ahead"] + (["A runs", "B runs"] if several else [])
-    for column in columns:
-        table.add_column(column, justify="left" if column == "group" else "right")
-    for name, row in result["groups"].items():
-        low, high = row["difference_ci"]
-        verdict = "green" if low > 0 else "red" if high < 0 else "default"
-        cells = [name, str(row["n_normal"]), str(row["n_anomalous"]),
-                 "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_a"], *row["auroc_a_ci"]),
-                 "{:.3f} [{:.2f}, {:.2f}]".format(row["auroc_b"], *row["auroc_b_ci"]),
-                 f"[{verdict}]{row['difference']:+.3f} [{low:+.2f}, {high:+.2f}][/]", f"{row['a_ahead']:.0%}"]
-        if several:
-            cells += [" ".join(f"{v:.2f}" for v in row["runs_a"]), " ".join(f"{v:.2f}" for v in row["runs_b"])]
-        table.add_row(*cells)
-    console = Console()
-    console.print(table)
-    pixel_rows = {name: row["pixel_ap"] for name, row in result["groups"].items() if "pixel_ap" in row}
-    if pixel_rows:
-        table = Table(title=f"pixel AP (pooled voxels; cases resampled, {level:.0%} intervals)")
-        for column in columns[:1] + columns[3:]:
-            table.add_column(column, justify="left" if column == "group" else "right")
-        for name, row in pixel_rows.items():
-            low, high = row["difference_ci"]
-            verdict = "green" if low > 0 else "red" if high < 0 else "default"
-            cells = [name, "{:.3f} [{:.2f}, {:.2f}]".format(row["a"], *row["a_ci"]),
-                     "{:.3f} [{:.2f}, {:.2f}]".format(row["b"], *row["b_ci"]),
-                     f"[{verdict}]{row['difference']:+.3f} [{low:+.2f}, {high:+.2f}][/]", f"{row['a_ahead']:.0%}"]
-            if several:
-                cells += [" ".join(f"{v:.2f}" for v in row["runs_a"]), " ".join(f"{v:.2f}" for v in row["runs_b"])]
-            table.add_row(*cells)
-        console.print(table)
-    if several:
-        console.print(f"A: {', '.join(result['a'])}\nB: {', '.join(result['b'])}", highlight=False)
-    console.print(f"an interval across 0 makes no call; -> {result['out']}/compare.png", highlight=False)
-
-
-@app.command()
-def fuse(runs: list[str] = typer.Argument(..., help="Two or more run directories (or evaluation folders), "
-                                                 "evaluated on the same items."),
-         out: Path = typer.Option(..., help="Output folder: an evaluation (scores.csv, metrics.json, curves) "
-                                            "that `tessera compare` takes."),
-         split: str = typer.Option("test", help="The split the runs were evaluated on (RUN_DIR/eval-SPLIT)."),
-         normalise: str = typer.Option("rank", help="Each run's scale before the sum: rank or robust-z (label-free)."),
-         choose_on: Optional[str] = typer.Option(None, help="Choose the weights by AUROC on this split's evaluations "
-                                                            "(e.g. val: a few known anomalies); default equal weights."),
-         choose_groups: Optional[str] = typer.Option(None, help="Comma-separated anomaly groups that choose; the "
-                                                                "other groups are held out (kinds never seen)."),
-         step: float = typer.Option(0.1, min=0.01, max=0.5, help="Weight grid step.")) -> None:
-    """Fuse several runs' scores into one (rank- or robust-z-normalised weighted sum), with weights chosen by a
-    few known anomalies or equal: metrics per group with intervals, fusion.json with what chose the weights."""
-    from trainers.fuse import fuse_evals
-
-    try:
-        result = fuse_evals(runs, out, split, normalise, choose_on,
-                            [g for g in (choose_groups or "").split(",") if g] or None, step)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    fusion = result["fusion"]
-    chose = (f"chosen on {fusion['selection']['split']} ({fusion['selection']['anomalous']} anomalies of "
-             f"{', '.join(fusion['selection']['groups'])}; AUROC there {fusion['selection']['auroc']:.3f})"
-             if fusion["selection"] else "equal")
-    typer.echo(f"weights {chose}: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(fusion["names"], fusion["weights"])))
-    typer.echo(f"{split} image AUROC: fused {result['overall']['image_auroc']:.3f} "
-               f"[{result['overall']['image_auroc_low']:.2f}-{result['overall']['image_auroc_high']:.2f}]; "
-               + ", ".join(f"{n} {a:.3f}" for n, a in fusion["single_auroc"].items()))
-    for group, values in result["groups"].items():
-        held = " (held out of the choice)" if fusion["held_out_groups"] and group in fusion["held_out_groups"] else ""
-        typer.echo(f"  {group}: {values['image_auroc']:.3f}{held}")
-    typer.echo(f"written to {out}; pair it with a run: tessera compare {out} RUN --split {split}")
-
-
-@app.command()
-def posthoc(run_dir: Path = typer.Argument(..., help="A finished training run directory."),
-            search: list[str] = typer.Option(..., "--search", help="KEY=V1,V2,… a scoring setting and its values: a "
-                                             "method option that shapes scoring (image_pooling=mean,top), or "
-                                             "score_smoothing / normal_baseline (volume runs). Repeatable."),
-            choose_split: str = typer.Option("val", help="The split whose known anomalies choose."),
-            choose_groups: Optional[str] = typer.Option(None, help="Comma-separated anomaly groups that choose; the "
-                                                                   "others are judged as kinds never seen."),
-            test_split: str = typer.Option("test", help="The split the pick and the default are judged on."),
-            out: Optional[Path] = typer.Option(None, help="Output folder (default RUN_DIR/posthoc)."),
-            workers: int = typer.Option(0, min=0, help="DataLoader workers per evaluation.")) -> None:
-    """Choose scoring settings of a trained run by a few known anomalies, without retraining; judge the pick
-    against the default on the test split (paired intervals, overall and on held-out groups)."""
-    from trainers.posthoc import parse_space, posthoc_search
-
-    try:
-        space = parse_space(search)
-        result = posthoc_search(run_dir, space, choose_split, [g for g in (choose_groups or "").split(",") if g] or None,
-                                test_split, out, workers, log=typer.echo)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    typer.echo(f"pick: {result['pick']} (chosen on {choose_split}, anomalies of {result['selection']['groups']})")
-    for group, row in result["pick_minus_default"].items():
-        low, high = row["difference_ci"]
-        held = " (held out of the choice)" if group in result["held_out_groups"] else ""
-        typer.echo(f"  {test_split} {group}: pick {row['auroc_a']:.3f}, default {row['auroc_b']:.3f}, "
-                   f"difference {row['difference']:+.3f} [{low:+.2f}, {high:+.2f}]{held}")
-    typer.echo(f"apply it: {result['apply']}")
 
 
 @app.command()
@@ -356,135 +219,6 @@ def score(model: Path = typer.Argument(..., help="A run directory or a `tessera 
     try:
         typer.echo(f"scores in {score_inputs(model, inputs, out)}")
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-
-
-@app.command()
-def synthesize(run_dir: Path = typer.Argument(..., help="A finished generator run (stylegan2, stylegan2_encoder)."),
-               count: Optional[int] = typer.Option(None, min=1, help="Tiles to make: tile i from seed SEED0 + i."),
-               store: str = typer.Option(..., help="Store to write into (created if missing)."),
-               name: Optional[str] = typer.Option(None, help="Name of the synthetic set; default the run's name."),
-               seed0: int = typer.Option(0, help="Seed of tile 0."),
-               truncation: Optional[float] = typer.Option(None, help="ψ; default the run's truncation_psi."),
-               batch: Optional[int] = typer.Option(None, min=1, help="Tiles per generator pass (the set's block; "
-                                                                    "default 1 on CPU, 32 on GPU)."),
-               split: Optional[str] = typer.Option(None, help="Split recorded in the tiles' rows (default train); "
-                                                              "with --project, the split inverted (default test)."),
-               project: bool = typer.Option(False, "--project", help="Invert the store's real tiles of --split "
-                                                                     "instead: reconstructions, distances, heatmaps."),
-               option: Optional[list[str]] = typer.Option(None, "--option", help="KEY=VALUE method option for "
-                                                          "--project (projector_steps=100, refine_steps=20)."),
-               noise: str = typer.Option("const", help="const (learned noise maps) or none."),
-               nproc: int = typer.Option(1, min=1, help="Local processes (torchrun), each making its share."),
-               nnodes: int = typer.Option(1, min=1, help="Nodes, each running this same command (with --nproc and "
-                                                         "--rdzv-endpoint); ranks make shares, no other traffic."),
-               rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the torchrun rendezvous (nodes > 1)."),
-               resume: bool = typer.Option(False, help="Complete an existing set (tiles already written are kept)."),
-               rank: Optional[int] = typer.Option(None, min=0, help="This process's share, when a scheduler "
-                                                             "starts the ranks (default from torchrun/Slurm)."),
-               world: Optional[int] = typer.Option(None, min=1, help="Number of shares (with --rank).")) -> None:
-    """Generate tiles into a store's synthetic set: deterministic by seed, sharded by rank, resumable; the set
-    streams like ingested tiles (data.stream.synthetic) once complete. With --project: invert real tiles the
-    same way, storing reconstructions and distances, stitched into slide heatmaps."""
-    import os
-    import subprocess
-    import sys
-    import uuid
-
-    from data_plane.synthetic import SyntheticError, SyntheticSet
-    from trainers.synthesize import default_batch, load_generator, set_spec, synthesize as run_synthesize
-
-    import torch
-
-    options = _method_options(option)
-    if project:
-        _project_command(run_dir, store, split or "test", name, batch, options, nproc, resume)
-        return
-    if count is None:
-        _fail("--count is required (how many tiles to make), unless --project")
-    if nnodes > 1 and not rdzv_endpoint:
-        _fail("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node), the same on every node")
-    split = split or "train"
-    try:
-        if nproc > 1 or nnodes > 1:
-            # The parent creates and locks the set for the job; its torchrun ranks (on every node: the job id
-            # comes from the rendezvous they share) carry on under it.
-            job = f"synthesize-{rdzv_endpoint}" if nnodes > 1 else f"synthesize-{uuid.uuid4().hex[:12]}"
-            os.environ["TESSERA_JOB_ID"] = os.environ.get("TESSERA_JOB_ID") or job
-            os.environ["TESSERA_JOB_PID"] = str(os.getpid())
-            method, saved = load_generator(run_dir)
-            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-            batch = batch or default_batch(device)
-            spec = set_spec(run_dir, method, saved, count, seed0, truncation, batch, split, noise)
-            with _WritingTo(store):
-                synthetic = SyntheticSet.open(store, name or run_dir.name, spec, resume=resume)
-                synthetic.lock()
-            launch = ["--standalone"] if nnodes == 1 else [f"--nnodes={nnodes}", "--rdzv-backend=c10d",
-                                                          f"--rdzv-endpoint={rdzv_endpoint}"]
-            command = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
-                       "-m", "trainers.synthesize", str(run_dir), "--store", str(store), "--count", str(count),
-                       "--name", synthetic.name, "--seed0", str(seed0), "--batch", str(batch), "--split", split,
-                       "--noise", noise, "--resume"] + (["--truncation", str(truncation)] if truncation is not None else [])
-            code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-                                  ).returncode
-            if code:
-                _fail(f"synthesis failed (exit {code}); rerun with --resume to complete the set", code=code)
-            if not SyntheticSet(store, synthetic.name).complete():
-                _fail("the ranks finished but the set is not complete; rerun with --resume", code=1)
-            synthetic.unlock()
-        else:
-            with _WritingTo(store):
-                result = run_synthesize(run_dir, store, count, name, seed0, truncation, batch, split, noise, resume,
-                                        rank, world, log=lambda line: typer.echo(line))
-            if not result["complete"]:
-                typer.echo(f"rank {result['rank']}/{result['world']} done; the set completes when every rank has "
-                           f"written its share")
-    except (SyntheticError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-
-
-def _project_command(run_dir: Path, store: str, split: str, name: Optional[str], batch: Optional[int], options: dict,
-                     nproc: int, resume: bool) -> None:
-    import json
-    import os
-    import subprocess
-    import sys
-    import uuid
-
-    import torch
-
-    from data_plane.synthetic import SyntheticError, SyntheticSet
-    from trainers.export import load_method
-    from trainers.synthesize import default_batch, project, project_spec, projection_source
-
-    try:
-        if nproc == 1:
-            with _WritingTo(store):
-                result = project(run_dir, store, split, name, batch, options, resume, log=lambda line: typer.echo(line))
-            if not result["complete"]:
-                typer.echo("this share is done; the set completes when every rank has written its share")
-            return
-        os.environ["TESSERA_JOB_ID"] = os.environ.get("TESSERA_JOB_ID") or f"project-{uuid.uuid4().hex[:12]}"
-        os.environ["TESSERA_JOB_PID"] = str(os.getpid())
-        method, _ = load_method(run_dir, options)
-        batch = batch or default_batch(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        rows, _, _ = projection_source(run_dir, store, split, method.config.resolution)
-        name = name or f"{run_dir.name}-project-{split}"
-        with _WritingTo(store):
-            synthetic = SyntheticSet.open(store, name, project_spec(run_dir, method, split, len(rows), batch, options),
-                                          resume=resume, source=rows)
-            synthetic.lock()
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "trainers.synthesize", str(run_dir), "--store", str(store), "--project", "--split", split,
-                   "--name", name, "--batch", str(batch), "--options", json.dumps(options), "--resume"]
-        code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-                              ).returncode
-        if code:
-            _fail(f"projection failed (exit {code}); rerun with --resume to complete it", code=code)
-        if not SyntheticSet(store, name).complete():
-            _fail("the ranks finished but the projection is not complete; rerun with --resume", code=1)
-        synthetic.unlock()
-    except (SyntheticError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
 
