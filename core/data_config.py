@@ -52,7 +52,14 @@ class IngestConfig(StrictConfig):
 
     chunk: int | None = Field(None, ge=64)            # pyramid chunk edge in pixels; None = data.tiles.size (one tile, one chunk)
     max_levels: int = Field(8, ge=1)                  # pyramid levels kept (smallest level stops at one chunk)
-    compression_level: int = Field(5, ge=0, le=9)     # zstd level of the Blosc codec
+    # Blosc codec of slide chunks. Tissue hardly compresses losslessly: a 256² H&E chunk (192 KiB raw) is
+    # 165 KiB with zstd level 5 + bitshuffle, 172 KiB at level 1, 192 KiB with lz4. But zstd costs 0.3 ms
+    # to decode (most of a stream item's time) and 0.4-1.7 ms to encode, lz4 0.03 and 0.06 ms: "lz4"
+    # trades 12-16 % more disk for reads and ingest at decode speed (bench/tiles.py, bench/ingest.py);
+    # "zstd" (bitshuffle, compression_level) keeps the bytes down. Neither is in the ingest digest:
+    # changing them re-encodes nothing already ingested, and readers take either.
+    codec: Literal["lz4", "zstd"] = "lz4"
+    compression_level: int = Field(1, ge=0, le=9)     # zstd's level (slides with codec zstd; volumes)
     threads: int = Field(2, ge=1)                     # threads decoding/encoding chunks within one slide
     workers: int = Field(1, ge=1)                     # slides ingested in parallel (Ray tasks when > 1)
     ray_address: str | None = None                   # join this Ray cluster; None = a local runtime when workers > 1

@@ -213,8 +213,9 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
         partial.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(partial), mode="w")
         chunk = config.ingest.chunk or config.tiles.size  # one tile, one chunk: a tile read is one decode
-        compressor = BloscCodec(cname="zstd", clevel=config.ingest.compression_level,
-                                shuffle=BloscShuffle.bitshuffle)
+        compressor = BloscCodec(cname="lz4", clevel=9, shuffle=BloscShuffle.noshuffle) \
+            if config.ingest.codec == "lz4" else \
+            BloscCodec(cname="zstd", clevel=config.ingest.compression_level, shuffle=BloscShuffle.bitshuffle)
 
         shapes = [(height0, width0)]
         while len(shapes) < config.ingest.max_levels and max(shapes[-1]) > chunk:

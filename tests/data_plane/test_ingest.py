@@ -68,7 +68,8 @@ def test_pil_reduction_is_the_rounded_2x2_mean():
     np.testing.assert_array_equal(reduce_2x2(block), expected)
 
 
-def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, codec):
     from zarr.codecs import BloscCodec, BloscShuffle
 
     rng = np.random.default_rng(1)
@@ -78,8 +79,9 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
     paths = {}
     for how in ("zarr", "direct"):
         array = zarr.create_array(str(tmp_path / f"{how}.zarr"), shape=(3, 100, 150), chunks=(3, 64, 64), dtype="uint8",
-                                  fill_value=255, compressors=BloscCodec(cname="zstd", clevel=5,
-                                                                          shuffle=BloscShuffle.bitshuffle))
+                                  fill_value=255, compressors=BloscCodec(
+                                      cname=codec, clevel=5 if codec == "zstd" else 9,
+                                      shuffle=BloscShuffle.bitshuffle if codec == "zstd" else BloscShuffle.noshuffle))
         writer = LevelWriter(array)
         assert writer._dir is not None  # a local store: the direct path is the one under test
         for (y, x), block in blocks.items():
