@@ -179,14 +179,14 @@ def run_demo(config, console: Console | None = None) -> Path:
                                                      "cloner_base": 16, "image_pooling": "top",
                                                      "localisation": "discrepancy"}}
     mkd_tree["data"]["stream"].update({"augment": "flips"})
-    mkd_tree["train"].update({"steps": 600, "micro_batch": 16, "clip_grad": None, "log_every": 100,
-                              "checkpoint_every": 600})
+    mkd_tree["train"].update({"steps": 400, "micro_batch": 16, "clip_grad": None, "log_every": 100,
+                              "checkpoint_every": 400})
     mkd_config = RunConfig.model_validate(mkd_tree)
     mkd_dir, overall, _ = train_and_evaluate(mkd_config, "mkd", run.path / "mkd")
     groups = json.loads((mkd_dir / "eval-test" / "metrics.json").read_text())["groups"]
     ihc = groups["ihc_tissue"]
     figure = mkd_dir / "eval-test" / "heatmaps" / "test_ihc_tissue.pixels.png"
-    console.print(f"  [bold]MKD (600 steps, EfficientNet-Lite0 source) on tiles holding a disc of immunohistochemistry "
+    console.print(f"  [bold]MKD (400 steps, EfficientNet-Lite0 source) on tiles holding a disc of immunohistochemistry "
                   f"(brown DAB) tissue pasted into H&E: image AUROC {_auroc(ihc)}, pixel AUROC "
                   f"{ihc['pixel_auroc']:.3f}[/]; its pixel maps light the discs up: {figure}", soft_wrap=True)
     console.print("  every anomaly group (12 test tiles each against 53 normal test tiles): " + ", ".join(
