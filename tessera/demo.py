@@ -8,7 +8,7 @@ maps that light it up, exported as QuPath GeoJSON); train and evaluate the refer
 curves, heatmaps, index.html); train Foreign Patch Interpolation on a small brain benchmark and write its
 score volumes; train a small StyleGAN2 and synthesise a grid of tiles into the store; train pgan_enc.
 Each stage logs to the demo's run directory (with its time), so a failed demo leaves a record of how
-far it got. About 5 minutes on 2 CPU cores after setup (DEMO_MINUTES; measured, README).
+far it got. About 5 minutes on 2 CPU cores after setup (DEMO_MINUTES; 4.2 min measured, README).
 """
 
 from __future__ import annotations
