@@ -143,28 +143,31 @@ class MultiresolutionKnowledgeDistillation(Method):
         return value, direction
 
     @torch.no_grad()
-    def discrepancy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top-pooled image score, (B, 1, H, W) discrepancy map). At each critical point the
-        per-position discrepancy is the squared difference averaged over channels + λ·(1 − cosine over
-        channels); the image score sums, over the points, the mean of its highest ``pooling_top`` share;
-        the map sums the points' maps upsampled bilinearly to the image. Training keeps the paper's
-        whole-map loss."""
-        images = self._rgb(images)
-        source, cloned = self.source(images), self.cloner(images)
-        total = images.new_zeros(len(images))
-        maps = images.new_zeros(len(images), 1, *images.shape[-2:])
-        for name, a_s in source.items():
-            a_s, a_c = a_s.float(), cloned[name].float()
-            local = ((a_s - a_c) ** 2).mean(dim=1) + self.lambda_dir * (1 - F.cosine_similarity(a_s, a_c, dim=1))
-            flat = local.flatten(1)
-            k = max(1, math.ceil(self.config.pooling_top * flat.shape[1]))
-            total = total + flat.topk(k, dim=1).values.mean(dim=1)
-            maps += F.interpolate(local[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
-        if float(self.map_scale) <= 0:
+    def discrepancy(self, images: torch.Tensor, with_maps: bool = True):
+        """(top-pooled image score, L_total, (B, 1, H, W) discrepancy map or None) from one forward. At each
+        critical point the per-position discrepancy is the squared difference averaged over channels +
+        λ·(1 − cosine over channels); the pooled score sums, over the points, the mean of its highest
+        ``pooling_top`` share; the map sums the points' maps upsampled bilinearly to the image. Training
+        keeps the paper's whole-map loss (L_total, also returned)."""
+        if with_maps and float(self.map_scale) <= 0:
             raise RuntimeError("this MKD model predates localisation: discrepancy (no map scale in its weights); "
                                "score it from its run directory, whose feature_stats.pt holds the scale "
                                "(tessera eval RUN; tessera export RUN for a file that has it)")
-        return total, maps / self.map_scale
+        images = self._rgb(images)
+        source, cloned = self.source(images), self.cloner(images)
+        pooled, whole = images.new_zeros(len(images)), images.new_zeros(len(images))
+        maps = images.new_zeros(len(images), 1, *images.shape[-2:]) if with_maps else None
+        for name, a_s in source.items():
+            a_s, a_c = a_s.float(), cloned[name].float()
+            whole = whole + ((a_s - a_c) ** 2).flatten(1).mean(dim=1) + \
+                self.lambda_dir * (1 - F.cosine_similarity(a_s.flatten(1), a_c.flatten(1), dim=1))
+            local = ((a_s - a_c) ** 2).mean(dim=1) + self.lambda_dir * (1 - F.cosine_similarity(a_s, a_c, dim=1))
+            flat = local.flatten(1)
+            k = max(1, math.ceil(self.config.pooling_top * flat.shape[1]))
+            pooled = pooled + flat.topk(k, dim=1).values.mean(dim=1)
+            if with_maps:
+                maps += F.interpolate(local[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return pooled, whole, maps / self.map_scale if with_maps else None
 
     def total(self, images: torch.Tensor) -> torch.Tensor:
         if float(self.lambda_dir) < 0:
@@ -216,13 +219,15 @@ class MultiresolutionKnowledgeDistillation(Method):
     def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Image score: L_total (or its top-pooled form); pixel map: the localisation map."""
         images = batch["image"]
-        local = None
-        with torch.no_grad():
-            if self.config.localisation == "discrepancy" or self.config.image_pooling == "top":
-                pooled, local = self.discrepancy(images)
-            scores = pooled if self.config.image_pooling == "top" else self.total(images)
-        if self.config.localisation == "discrepancy":
-            return scores, local
+        discrepancy_map = self.config.localisation == "discrepancy"
+        if discrepancy_map or self.config.image_pooling == "top":
+            pooled, whole, local = self.discrepancy(images, with_maps=discrepancy_map)
+            scores = pooled if self.config.image_pooling == "top" else whole
+            if discrepancy_map:
+                return scores, local
+        else:
+            with torch.no_grad():
+                scores = self.total(images)
         if self.config.localise_top >= 1:
             return scores.detach(), self.localise(images).detach()
         # ∂L/∂x costs a backward pass per image: only the batch's most anomalous share gets one
