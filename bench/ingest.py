@@ -42,13 +42,17 @@ for line in open(sys.argv[3]):
 
 def measured(command: list[str]) -> dict:
     """Run ``command``; its CPU seconds (user + sys), wall seconds and peak RSS (MiB), from wait4."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read()[-2000:]}")
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a chatty child cannot fill it and stall
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        if status != 0:
+            errors.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed: {errors.read()[-2000:]}")
     return {"cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall, "peak_mib": usage.ru_maxrss / 1024}
 
 

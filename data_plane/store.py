@@ -305,6 +305,7 @@ class LevelWriter:
                                 blocksize=blosc.get("blocksize", 0))
             self._dir = Path(str(array.store.root)) / array.path
             self._sep = array.metadata.chunk_key_encoding.separator
+            self._made: set[Path] = set()
 
     def write(self, y: int, x: int, block: np.ndarray) -> None:
         """``block`` (c, h, w) at (y, x): a chunk's corner, h and w up to the chunk's edge."""
@@ -320,7 +321,9 @@ class LevelWriter:
             return
         sep = self._sep
         path = self._dir / f"c{sep}0{sep}{y // ch}{sep}{x // cw}"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._made:  # one mkdir per chunk row, not per chunk
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
         # a fresh array in a partial folder: a half-written chunk is never read as complete, because
         # the whole slide only becomes visible by the folder's rename
         path.write_bytes(self._codec.encode(np.ascontiguousarray(block)))
