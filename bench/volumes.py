@@ -11,6 +11,8 @@ Volume: the real MNI152 T1 template at 1 mm (197 x 233 x 189, float32), as .nii.
   (c) MONAI's CacheDataset (LoadImaged + EnsureChannelFirstd cached) + RandSpatialCropd, the pipeline
       users pick for volumes that fit in memory;
   (b) nibabel: the volume loaded once into a numpy array, then sliced and copied.
+Then the cache across DataLoader workers: two workers, the decoded volume shared through /dev/shm
+against a private copy per worker (the workers' memory as summed PSS, and their CPU).
 Every pass runs each reader once, in its own process, in an order rotated from pass to pass; CPU time
 per patch (the first patch, a warm-up with the imports and the first decode, left out) and patches/s
 of wall time, median and min-max over the passes. Then the peak RSS of streaming patches from a 512³
@@ -127,6 +129,44 @@ def stream_case(store: Path, volume_id: str, size: int, patches: int) -> dict:
             "peak_rss_mib": memory.mib(), "rss_before_mib": before}
 
 
+def _pss_mib(pid: int) -> float:
+    """Proportional set size: pages shared by n processes count 1/n in each, so the sum over processes
+    is the memory they hold together."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def workers_case(store: Path, volume_id: str, shared: bool, patches: int, workers: int = 2) -> dict:
+    """One epoch of 64³ patches through a DataLoader with ``workers`` workers, the volume cache shared
+    (one decoded copy in /dev/shm, mapped by every worker) or private (each worker decodes its own)."""
+    import resource
+
+    from torch.utils.data import DataLoader
+
+    import data_plane.volume_stream as volume_stream
+    from data_plane.config import VolumeStreamConfig
+
+    if not shared:
+        volume_stream.shared_folder = lambda owner: None
+    stream = volume_stream.PatchStream(store, VolumeStreamConfig(patch_size=64, patches_per_volume=patches))
+    stream.volumes = stream.volumes[stream.volumes["volume_id"] == volume_id].reset_index(drop=True)
+    started = time.perf_counter()
+    loader = iter(DataLoader(stream, batch_size=8, num_workers=workers, persistent_workers=False))
+    count, pss = 0, 0.0
+    for batch in loader:
+        count += len(batch["index"])
+        if count >= patches - 8 * workers and not pss:  # the last batches: every worker holds what it read
+            pss = sum(_pss_mib(w.pid) for w in loader._workers)
+    wall = time.perf_counter() - started
+    del loader
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"patches_per_s": count / wall, "workers_cpu_s": children.ru_utime + children.ru_stime,
+            "workers_pss_mib": pss, "shared_mib": sum(p.stat().st_size for p in stream._shared.glob("*.npy")) / 2**20
+            if stream._shared is not None and stream._shared.exists() else 0.0}
+
+
 def slice_case(store: Path, volume_id: str, cache_mb: float) -> dict:
     from data_plane.config import VolumeStreamConfig
     from data_plane.volume_stream import SliceStream
@@ -163,6 +203,8 @@ def main() -> None:
         method, path, store, volume_id, size, origins = args.case
         if method == "stream":
             print(json.dumps(stream_case(Path(store), volume_id, int(size), int(origins))))
+        elif method == "workers":
+            print(json.dumps(workers_case(Path(store), volume_id, size == "shared", int(origins))))
         elif method == "slices":
             print(json.dumps(slice_case(Path(store), volume_id, float(size))))
         else:
@@ -208,6 +250,20 @@ def main() -> None:
         print(f"\nstreaming 96³ patches from a 512³ float32 volume (512 MiB) in one process: "
               f"{big['patches_per_s']:.0f} patches/s, peak RSS {big['peak_rss_mib']:.0f} MiB "
               f"({big['rss_before_mib']:.0f} MiB before the first patch: interpreter, torch, zarr)")
+    runs = {"shared": [], "private": []}
+    for p in range(args.passes):
+        for how in (["shared", "private"] if p % 2 == 0 else ["private", "shared"]):
+            runs[how].append(in_subprocess(["workers", "", str(paths["store"]), "mni152", how, str(args.patches)]))
+    med = {how: {k: float(np.median([r[k] for r in v])) for k in v[0]} for how, v in runs.items()}
+    print(f"\n64³ patches through a DataLoader with 2 workers, one epoch of {args.patches} from the 1 mm volume "
+          f"(35 MiB decoded), median of {args.passes}:")
+    for how, r in med.items():
+        print(f"  volume cache {how:7s}: {r['patches_per_s']:.0f} patches/s, workers' CPU {r['workers_cpu_s']:.2f} s, "
+              f"workers' memory together (PSS) {r['workers_pss_mib']:.0f} MiB"
+              + (f", of which {r['shared_mib']:.0f} MiB one shared decoded copy" if r["shared_mib"] else ""))
+    saved = med["private"]["workers_pss_mib"] - med["shared"]["workers_pss_mib"]
+    print(f"{'PASS' if saved > 0.5 * 35 else 'FAIL'}: DataLoader workers share one decoded copy of a cached volume "
+          f"({saved:.0f} MiB less held by 2 workers than with private copies)")
     cached, direct = (in_subprocess(["slices", "", str(paths["store"]), "mni152", str(mb), "0"]) for mb in (1024, 0))
     print(f"\naxial slices of the 1 mm volume, one shuffled epoch ({cached['slices']}), resized to 192²: "
           f"slab cache {cached['slices_per_s']:.0f}/s (peak RSS {cached['peak_rss_mib']:.0f} MiB), direct plane reads "

@@ -90,10 +90,11 @@ class VolumeStreamConfig(StrictConfig):
     min_foreground: float = Field(0.05, ge=0, le=1)   # slices with less non-zero area are skipped
     slab_cache_mb: float = Field(1024, ge=0)          # slices: decoded chunk slabs kept per reading process
                                                       # (LRU); a 2 mm brain is 4.4 MB, 1 mm 35 MB. 0 = off
-    volume_cache_mb: float = Field(512, ge=0)         # patches: whole decoded volumes kept per reading
-                                                      # process (LRU): a patch is then a crop in memory, as
-                                                      # fast as MONAI's CacheDataset; a volume larger than
-                                                      # the budget is read chunk by chunk. 0 = off
+    volume_cache_mb: float = Field(512, ge=0)         # patches: whole decoded volumes kept per stream
+                                                      # (LRU) in shared memory, decoded once and mapped by
+                                                      # all its DataLoader workers: a patch is then a crop
+                                                      # in memory, as fast as MONAI's CacheDataset; a volume
+                                                      # larger than the budget is read chunk by chunk. 0 = off
     patch_grid: int = Field(1, ge=1)                  # patch corners on multiples of this (voxels); with
                                                       # the chunk edge / 2, an uncached patch of chunk size
                                                       # touches 1.5 chunks per axis on average instead of 2

@@ -127,6 +127,7 @@ def _tile_rows(source: Source, shape0: tuple[int, int], levels: int, factor: flo
                tissue: np.ndarray, tissue_ds: int, anomaly: np.ndarray | None, anomaly_ds: int):
     import pyarrow as pa
 
+    from data_plane.store import arrow_numbers, arrow_strings
     from data_plane.tissue import box_fractions
 
     tiles = config.tiles
@@ -148,17 +149,17 @@ def _tile_rows(source: Source, shape0: tuple[int, int], levels: int, factor: flo
         label = np.full(len(yy), source.label)
     n = len(yy)
     return pa.table({
-        "slide_id": pa.array([source.item_id] * n, pa.string()),
-        "level": pa.array(np.full(n, level), pa.int8()),
-        "y": pa.array(np.round(yy).astype(np.int64)),                   # level-0 pixels
-        "x": pa.array(np.round(xx).astype(np.int64)),                   # level-0 pixels
-        "size": pa.array(np.full(n, round(size0 / 2**level)), pa.int32()),  # pixels read at `level`
-        "out_size": pa.array(np.full(n, tiles.size), pa.int32()),       # pixels after resizing
-        "tissue_fraction": pa.array(fraction.astype(np.float32)),
-        "annotation_fraction": pa.array(covered.astype(np.float32)),
-        "label": pa.array(label.tolist(), pa.string()),
-        "split": pa.array([source.split] * n, pa.string()),
-        "group": pa.array([source.group] * n, pa.string()),
+        "slide_id": arrow_strings([source.item_id] * n),
+        "level": arrow_numbers(np.full(n, level, np.int8)),
+        "y": arrow_numbers(np.round(yy).astype(np.int64)),                   # level-0 pixels
+        "x": arrow_numbers(np.round(xx).astype(np.int64)),                   # level-0 pixels
+        "size": arrow_numbers(np.full(n, round(size0 / 2**level), np.int32)),  # pixels read at `level`
+        "out_size": arrow_numbers(np.full(n, tiles.size, np.int32)),       # pixels after resizing
+        "tissue_fraction": arrow_numbers(fraction.astype(np.float32)),
+        "annotation_fraction": arrow_numbers(covered.astype(np.float32)),
+        "label": arrow_strings(label.tolist()),
+        "split": arrow_strings([source.split] * n),
+        "group": arrow_strings([source.group] * n),
     })
 
 

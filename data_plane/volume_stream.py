@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from data_plane.config import VolumeStreamConfig
 from data_plane.store import store_path
 from data_plane.stream import TARGETS, ShardedStream, filter_items
+from data_plane.volume_cache import VolumeCache, shared_folder
 from data_plane.volumes import volume_array, volume_index
 
 
@@ -29,34 +30,26 @@ def select_volumes(volumes, config: VolumeStreamConfig):
 
 
 class _Volumes:
-    """Per-process cache of open volume arrays, their attributes, and decoded chunk slabs."""
+    """One process's open volume arrays, their attributes and decoded chunk slabs, and its view of the
+    stream's whole-volume cache (:mod:`data_plane.volume_cache`, shared by DataLoader workers)."""
 
-    def __init__(self, root: Path, slab_cache_mb: float = 0, volume_cache_mb: float = 0):
+    def __init__(self, root: Path, slab_cache_mb: float = 0, volume_cache_mb: float = 0,
+                 shared: Path | None = None):
         self.root = root
         self.arrays: dict[tuple[str, str], object] = {}
         self.attrs: dict[str, dict] = {}
         self.slabs: OrderedDict[tuple, np.ndarray] = OrderedDict()  # least recently used first
         self.slab_bytes, self.slab_budget = 0, int(slab_cache_mb * 2**20)
-        self.whole: OrderedDict[tuple, np.ndarray] = OrderedDict()  # least recently used first
-        self.whole_bytes, self.whole_budget = 0, int(volume_cache_mb * 2**20)
+        self.whole = VolumeCache(int(volume_cache_mb * 2**20), shared)
 
     def region(self, volume_id: str, name: str, region: tuple[slice, ...]) -> np.ndarray:
-        """``array[region]``, from the decoded whole volume when it fits the volume cache (read once,
+        """``array[region]``, from the decoded whole volume when it fits the volume cache (decoded once,
         kept LRU), else from the store's chunks."""
         array = self.array(volume_id, name)
         nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
-        if nbytes > self.whole_budget:
+        if nbytes > self.whole.budget:
             return np.asarray(array[region])
-        key = (volume_id, name)
-        volume = self.whole.get(key)
-        if volume is None:
-            volume = self.whole[key] = np.asarray(array[...])
-            self.whole_bytes += volume.nbytes
-            while self.whole_bytes > self.whole_budget and len(self.whole) > 1:
-                self.whole_bytes -= self.whole.popitem(last=False)[1].nbytes
-        else:
-            self.whole.move_to_end(key)
-        return volume[region]
+        return self.whole.get((volume_id, name), lambda: np.asarray(array[...]))[region]
 
     def plane(self, volume_id: str, name: str, axis: int, k: int) -> np.ndarray:
         """Plane k along ``axis``. Reading one plane decodes every chunk it crosses, a whole slab one chunk
@@ -108,11 +101,14 @@ class _VolumeStream(ShardedStream):
                              f"labels={config.labels}, groups={config.groups})")
         self.with_masks = bool(self.volumes["has_mask"].any())
         self._cache = None
+        # this process owns the shared decoded volumes its DataLoader workers fill and map
+        self._shared = shared_folder(self) if config.volume_cache_mb > 0 else None
 
     @property
     def cache(self) -> _Volumes:
         if self._cache is None:  # opened lazily, in the worker process
-            self._cache = _Volumes(store_path(self.store), self.config.slab_cache_mb, self.config.volume_cache_mb)
+            self._cache = _Volumes(store_path(self.store), self.config.slab_cache_mb, self.config.volume_cache_mb,
+                                   self._shared)
         return self._cache
 
     def _base(self, row, index: int) -> dict:
@@ -151,9 +147,8 @@ class PatchStream(_VolumeStream):
 def _padded(block: np.ndarray, size: int, like: torch.Tensor | None = None) -> torch.Tensor:
     """A block padded with zeros to size³ (volumes smaller than the patch)."""
     out = torch.zeros((size,) * 3, dtype=torch.float32) if like is None else torch.zeros_like(like)
-    block = torch.as_tensor(np.asarray(block, np.float32))
-    if block.ndim == 3:
-        out[: block.shape[0], : block.shape[1], : block.shape[2]] = block
+    if block.ndim == 3:  # numpy copies (and converts) straight in: the block may be a read-only shared map
+        out.numpy()[: block.shape[0], : block.shape[1], : block.shape[2]] = block
     return out
 
 

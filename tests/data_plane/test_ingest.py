@@ -96,11 +96,11 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, codec):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "direct.zarr"))[:, 64:100, 128:150], blocks[(64, 128)])
 
 
-def test_slide_ingest_imports_neither_torch_nor_monai(tmp_path, make_slide):
+def test_slide_ingest_imports_neither_torch_nor_monai_nor_pandas(tmp_path, make_slide):
     slide = make_slide(tmp_path / "s.svs", height=1024, width=1024, centre=(512, 512), radius=400)
     code = ("import sys; from tessera.cli import app\n"
             "try: app()\nexcept SystemExit as e: assert not e.code, e.code\n"
-            "print(sorted(m for m in ('torch', 'monai', 'deepspeed') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'monai', 'deepspeed', 'pandas') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, "ingest", str(slide), "--store", str(tmp_path / "s.zarr")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -324,3 +324,17 @@ def test_a_read_only_or_full_store_ends_in_one_line_and_a_rerun_resumes(sample_d
     again = tessera("--store", str(full / "store.zarr"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "ingested 1" in again.stdout
+
+
+def test_arrow_columns_built_from_buffers_equal_pyarrows_own():
+    import pyarrow as pa
+
+    from data_plane.store import arrow_numbers, arrow_strings
+
+    strings = ["normal", "", "anomalous", "ünïcode", "normal"]
+    assert arrow_strings(strings).equals(pa.array(strings, pa.string()))
+    for values in (np.arange(-3, 4, dtype=np.int64), np.array([0.5, np.nan, 2.0], np.float32),
+                   np.full(4, 7, np.int8), np.arange(10, dtype=np.int32)[::3]):  # a strided view too
+        built = arrow_numbers(values)
+        assert built.type == pa.from_numpy_dtype(values.dtype)
+        np.testing.assert_array_equal(built.to_numpy(zero_copy_only=False), values)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,7 +57,17 @@ def test_patches_are_read_where_they_say(brain_store):
     assert [i["origin_zyx"].tolist() for i in stream] != first
 
 
-def test_volume_cache_serves_the_same_patches_and_keeps_to_its_budget(brain_store):
+@pytest.fixture
+def shared_memory(tmp_path, monkeypatch):
+    """The shared volume caches of this test under tmp_path, not /dev/shm."""
+    import data_plane.volume_cache
+
+    monkeypatch.setattr(data_plane.volume_cache, "SHARED_MEMORY", tmp_path / "shm")
+    (tmp_path / "shm").mkdir()
+    return tmp_path / "shm"
+
+
+def test_volume_cache_serves_the_same_patches_and_keeps_to_its_budget(brain_store, shared_memory):
     config = VolumeStreamConfig(patch_size=24, patches_per_volume=3)
     uncached = list(PatchStream(brain_store, config.model_copy(update={"volume_cache_mb": 0})))
     cached_stream = PatchStream(brain_store, config)
@@ -63,15 +75,63 @@ def test_volume_cache_serves_the_same_patches_and_keeps_to_its_budget(brain_stor
     assert [i["origin_zyx"].tolist() for i in cached] == [i["origin_zyx"].tolist() for i in uncached]
     for a, b in zip(cached, uncached):
         assert torch.equal(a["image"], b["image"])
-    cache = cached_stream.cache
-    one = next(iter(cache.whole.values())).nbytes
-    assert len(cache.whole) == len(cached_stream.volumes) and cache.whole_bytes == one * len(cache.whole)
+    cache = cached_stream.cache.whole
+    one = next(iter(cache.held.values())).nbytes
+    assert len(cache.held) == len(cached_stream.volumes) and cache.nbytes == one * len(cache.held)
+    assert len(list(cached_stream._shared.glob("*.npy"))) == len(cached_stream.volumes)
     small = PatchStream(brain_store, config.model_copy(update={"volume_cache_mb": 1.5 * one / 2**20}))
     list(small)
-    assert len(small.cache.whole) == 1 and small.cache.whole_bytes <= 1.5 * one  # least recently used out
+    assert len(small.cache.whole.held) == 1 and small.cache.whole.nbytes <= 1.5 * one  # least recently used out
+    assert len(list(small._shared.glob("*.npy"))) == 1
     tiny = PatchStream(brain_store, config.model_copy(update={"volume_cache_mb": 0.5 * one / 2**20}))
     list(tiny)
-    assert not tiny.cache.whole  # a volume larger than the budget is read from its chunks
+    assert not tiny.cache.whole.held and not tiny._shared.exists()  # too large: read from its chunks
+
+
+def test_dataloader_workers_share_one_decoded_copy_removed_with_the_stream(brain_store, shared_memory):
+    import gc
+
+    config = VolumeStreamConfig(patch_size=24, patches_per_volume=4)
+    expected = {int(i["index"]): i["image"] for i in PatchStream(brain_store, config.model_copy(
+        update={"volume_cache_mb": 0}))}
+    stream = PatchStream(brain_store, config)
+    folder = stream._shared
+    seen = {}
+    for batch in DataLoader(stream, batch_size=2, num_workers=2):
+        seen.update({int(i): image for i, image in zip(batch["index"], batch["image"])})
+        # mid-epoch, both workers have read: the folder holds each volume once, whole (no partial files)
+        assert all(p.suffix == ".npy" for p in folder.iterdir())
+    assert seen.keys() == expected.keys() and all(torch.equal(seen[k], expected[k]) for k in seen)
+    files = sorted(p.name for p in folder.glob("*.npy"))
+    assert files == sorted(f"{v}--image.npy" for v in stream.volumes.volume_id)
+    del stream
+    gc.collect()
+    assert not folder.exists()  # the owner let go: the shared memory is freed
+
+
+def test_shared_cache_sweeps_folders_of_dead_owners_and_falls_back_without_room(tmp_path, shared_memory):
+    from data_plane.volume_cache import VolumeCache, shared_folder
+
+    orphan = shared_memory / f"tessera-volumes-{os.getuid()}" / "999999999-deadbeef"  # beyond any pid
+    orphan.mkdir(parents=True)
+    (orphan / "v--image.npy").write_bytes(b"stale")
+    alive = shared_memory / f"tessera-volumes-{os.getuid()}" / f"{os.getpid()}-cafe0000"
+    alive.mkdir()
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    folder = shared_folder(owner)
+    assert not orphan.exists() and alive.exists() and folder.parent == alive.parent
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = VolumeCache(2**20, blocker / "cache")  # cannot be created: a file is in the way
+    volume = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    with pytest.warns(UserWarning, match="shared volume cache .* unavailable"):
+        got = cache.get(("v", "image"), lambda: volume)
+    assert np.array_equal(got, volume) and cache.folder is None and cache.get(("v", "image"), None) is got
 
 
 def test_patch_grid_puts_corners_on_its_multiples(brain_store):
