@@ -14,7 +14,7 @@ export TESSERA_CACHE        ?= $(CURDIR)/.cache/tessera
 export RAY_TMPDIR           ?= /tmp/tessera-ray
 export OMP_NUM_THREADS      ?= 1
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-slow setup clean
 
 setup: $(STAMP) $(NGFF_STAMP)
 
@@ -37,6 +37,9 @@ demo: $(STAMP)
 
 test: $(STAMP) $(NGFF_STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+test-slow: $(STAMP) $(NGFF_STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow tests
 
 clean:
 	rm -rf $(VENV) $(NGFF_VENV) .pytest_cache runs demo-out

@@ -10,7 +10,9 @@ MOOD's five outlier kinds, each confined to a sphere (a disc in 2D) of random ra
 - ``uniform_shift``     x'(p) = x(p + s) inside: the sphere shows the anatomy displaced by a vector s, |s| ~ U(r/2, r)
 - ``reflection``        x'(p) = x(R(p)) inside: the sphere shows its content mirrored across a plane through c
 
-and Foreign Patch Interpolation (Tan et al.): a box h with per-axis width ~ U(0.1·d, 0.4·d) and
+four more kinds of our own (``OTHER_KINDS``: a soft hyperintense ``lesion``, a fluid-filled ``cavity``,
+a ``local_blur`` and an ``intensity_scale``), never used to choose settings, and Foreign Patch
+Interpolation (Tan et al.): a box h with per-axis width ~ U(0.1·d, 0.4·d) and
 centre ~ U(0.1·d, 0.9·d), x' = (1 − α)·x + α·y inside h for a second sample y; the label is α inside h
 where x ≠ y and 0 elsewhere.
 
@@ -123,12 +125,57 @@ def reflection(image, mask, rng, centre=None, **_):
     return _apply(image, mask, _sample(image, coords, "nearest"))
 
 
+def _radial(image, centre, radius) -> torch.Tensor:
+    """Distance to ``centre`` in units of ``radius`` over the image's grid (0 at the centre, 1 on the sphere)."""
+    axes = _grid(image.shape[1:], image.device)
+    return torch.sqrt(sum((axis - float(c)) ** 2 for axis, c in zip(axes, centre))) / radius
+
+
+# Kinds beyond MOOD's, closer to what a radiologist meets, for judging settings on kinds that never chose
+# them: soft-edged, as real lesions are, so a detector cannot find them by the sphere's edge alone.
+def lesion(image, mask, rng, centre=None, radius=None, **_):
+    """A hyperintense lesion (an MS plaque or a tumour on T2/FLAIR): a brightness bump, peak 0.3-0.6,
+    falling off as a Gaussian to ~0.1 of its peak at the sphere's surface."""
+    peak = float(rng.uniform(0.3, 0.6))
+    return _apply(image, mask, image + peak * torch.exp(-2.3 * _radial(image, centre, radius) ** 2))
+
+
+def cavity(image, mask, rng, centre=None, radius=None, **_):
+    """A resection cavity or an infarct's core: tissue replaced by fluid (intensity 0-0.15), blending into
+    the surrounding tissue over the outer third of the sphere."""
+    fluid = float(rng.uniform(0.0, 0.15))
+    weight = ((1 - _radial(image, centre, radius)) * 3).clamp(0, 1)
+    return _apply(image, mask, image * (1 - weight) + fluid * weight)
+
+
+def local_blur(image, mask, rng, **_):
+    """Lost detail inside the sphere (partial volume, local motion): a Gaussian blur of 1-2.5 voxels."""
+    from scipy import ndimage
+
+    sigma = float(rng.uniform(1.0, 2.5))
+    blurred = ndimage.gaussian_filter(image.detach().cpu().numpy(), (0,) + (sigma,) * (image.ndim - 1))
+    return _apply(image, mask, torch.from_numpy(blurred).to(image.device))
+
+
+def intensity_scale(image, mask, rng, **_):
+    """Texture kept, contrast changed (oedema, demyelination): the intensities inside scaled by 0.5-0.75
+    or 1.3-1.6."""
+    scale = float(rng.uniform(0.5, 0.75) if rng.random() < 0.5 else rng.uniform(1.3, 1.6))
+    return _apply(image, mask, image * scale)
+
+
+OTHER_KINDS = ("lesion", "cavity", "local_blur", "intensity_scale")
+
 OUTLIERS: dict[str, Callable] = {
     "uniform_addition": uniform_addition,
     "noise_addition": noise_addition,
     "sink_source": sink_source,
     "uniform_shift": uniform_shift,
     "reflection": reflection,
+    "lesion": lesion,
+    "cavity": cavity,
+    "local_blur": local_blur,
+    "intensity_scale": intensity_scale,
 }
 
 
@@ -136,7 +183,7 @@ def mood_outlier(image: torch.Tensor, kind: str, rng: np.random.Generator, foreg
                  radius_range=(0.05, 0.2)) -> tuple[torch.Tensor, torch.Tensor]:
     """One outlier of ``kind`` in ``image`` (C, *spatial); returns (altered image, boolean mask (*spatial))."""
     if kind not in OUTLIERS:
-        raise ValueError(f"outlier kind '{kind}' is not one of {', '.join(OUTLIER_KINDS)}")
+        raise ValueError(f"outlier kind '{kind}' is not one of {', '.join(OUTLIERS)}")
     spatial = tuple(image.shape[1:])
     centre, radius = random_sphere(spatial, rng, radius_range, foreground)
     mask = sphere_mask(spatial, centre, radius, image.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -56,7 +57,7 @@ def contaminated(count: int, fraction: float, seed: int) -> list[int]:
 
 def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 2, seed: int = 0,
                          show_progress: bool = True, val_anomalous: int = 0, val_normal: int = 0,
-                         contaminate: float = 0.0, workers: int = 1) -> Path:
+                         contaminate: float = 0.0, workers: int = 1, other_kinds: int = 0) -> Path:
     """Write the benchmark into ``out``; returns the manifest CSV. ``val_anomalous`` more subjects, with
     outliers, form a ``val`` split: the few known anomalies a weakly-supervised search chooses by;
     ``val_normal`` more normal subjects join it, so evaluation settings (a volume score's reduction,
@@ -66,6 +67,11 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     ``contaminate`` P: a share P of the training subjects carry an outlier (MOOD's kinds in turn) while
     still labelled normal, without a mask: training data that is not anomaly-free, as real data is. The
     test and val subjects are unchanged; ``contamination.json`` lists the contaminated subjects.
+
+    ``other_kinds`` more test subjects carry outliers of kinds beyond MOOD's (``core.anomalies.OTHER_KINDS``:
+    lesion, cavity, local blur, intensity scale, in turn): kinds nothing is ever chosen by, so that
+    settings chosen on MOOD's kinds are judged on kinds nobody listed. They come after every other
+    subject, so the rest of the benchmark is the same with or without them.
 
     ``workers`` > 1 makes subjects in that many processes: each subject has its own seeds, so the files
     are the same as with one."""
@@ -80,9 +86,10 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     brain = datasets.load_mni152_brain_mask(resolution=resolution)
     shared = {"t1": np.asarray(template.dataobj, np.float32), "brain": np.asarray(brain.dataobj, np.float32) > 0.5,
               "affine": template.affine, "out": out, "seed": seed, "subjects": subjects,
-              "val_anomalous": val_anomalous, "counts": split_counts(subjects)}
+              "val_anomalous": val_anomalous, "counts": split_counts(subjects),
+              "other_from": subjects + val_anomalous + val_normal}
     shared["dirty"] = contaminated(shared["counts"][0], contaminate, seed)
-    steps = range(subjects + val_anomalous + val_normal)
+    steps = range(subjects + val_anomalous + val_normal + other_kinds)
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -120,7 +127,7 @@ def _make_subject(i: int) -> tuple[dict, tuple | None]:
     import nibabel
     import torch
 
-    from core.anomalies import OUTLIER_KINDS, mood_outlier
+    from core.anomalies import OTHER_KINDS, OUTLIER_KINDS, mood_outlier
 
     shared = _SHARED
     seed, subjects, out, dirty = shared["seed"], shared["subjects"], shared["out"], shared["dirty"]
@@ -135,7 +142,13 @@ def _make_subject(i: int) -> tuple[dict, tuple | None]:
     name = f"subject_{i:03d}"
     split, label, group = "train", "normal", ""
     mask, example = None, None
-    if i >= n_train:
+    if i >= shared["other_from"]:  # a test subject with a kind of outlier nothing chooses by
+        split, label = "test", "anomalous"
+        group = OTHER_KINDS[(i - shared["other_from"]) % len(OTHER_KINDS)]
+        image, mask = mood_outlier(image, group, np.random.default_rng((seed, i)), foreground=foreground,
+                                   radius_range=(0.08, 0.18))
+        example = (group, image[0].numpy(), mask.numpy())
+    elif i >= n_train:
         split = "test" if i < subjects else "val"
         mask = torch.zeros_like(foreground)
         if n_train + n_test_normal <= i < subjects + shared["val_anomalous"]:
@@ -186,7 +199,31 @@ def montage(examples: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> P
 
 
 SLIDE_GROUPS = ("he_tissue", "ihc_tissue", "uniform_addition", "noise_addition", "sink_source", "uniform_shift",
-                "reflection")
+                "reflection", "out_of_focus", "marker_ink")
+# The last two are artefacts every pathology lab knows, made here so that a detector's settings can be
+# judged on kinds nobody chose them by: a defocused patch (the scanner's focus missed a fold or a bubble)
+# and a pathologist's marker pen over tissue (a translucent dye, in one of the three colours in use).
+MARKER_INKS = {"blue": (70, 110, 230), "green": (80, 190, 110), "black": (90, 90, 100)}
+
+
+def _artefact(tile: np.ndarray, group: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple]:
+    """``tile`` with a disc of ``group`` (out_of_focus, marker_ink); returns (tile, (cy, cx, radius))."""
+    from PIL import Image, ImageFilter
+
+    size = tile.shape[0]
+    radius = rng.uniform(0.2, 0.35) * size
+    cy, cx = rng.uniform(radius, size - radius, 2)
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    if group == "out_of_focus":
+        altered = np.asarray(Image.fromarray(tile).filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 4.0) * size / 128)))
+    else:  # marker ink: a translucent dye multiplies the light that passes
+        ink = np.array(MARKER_INKS[list(MARKER_INKS)[int(rng.integers(len(MARKER_INKS)))]], np.float32) / 255
+        strength = rng.uniform(0.5, 0.8)
+        altered = (tile * (1 - strength + strength * ink)).round().astype(np.uint8)
+    out = tile.copy()
+    out[inside] = altered[inside]
+    return out, (cy, cx, radius)
 
 
 def _disc_polygon(cy: float, cx: float, radius: float, points: int = 48) -> list[list[float]]:
@@ -218,6 +255,8 @@ def _anomalous_cell(base: np.ndarray, group: str, rng: np.random.Generator, sour
     tile = base.shape[0]
     if group.endswith("_tissue"):
         return _foreign_tissue(base, sources[group], rng)
+    if group in ("out_of_focus", "marker_ink"):
+        return _artefact(base, group, rng)
     image = torch.from_numpy(base.copy()).permute(2, 0, 1).float() / 255
     centre, radius = random_sphere((tile, tile), rng, (0.15, 0.3))
     disc_mask = sphere_mask((tile, tile), centre, radius)
@@ -227,12 +266,19 @@ def _anomalous_cell(base: np.ndarray, group: str, rng: np.random.Generator, sour
 
 
 def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, seed: int = 0,
-                         contaminate: float = 0.0) -> Path:
+                         contaminate: float = 0.0, kinds: Sequence[str] | None = None,
+                         val_kinds: Sequence[str] = (), val_per_group: int = 4) -> Path:
     """Mosaic slides of real tissue tiles (normal, and one per anomaly group) with GeoJSON masks.
 
     From the sample slide's tissue tiles: 60% make the normal training mosaic, the rest the normal
-    test mosaic; each group's mosaic holds ``per_group`` test tiles with one anomaly each. Also writes
-    ``manifest.csv`` and ``recipe.yaml`` (the data settings that index one tile per mosaic cell).
+    test mosaic; each group of ``kinds`` (default: all of SLIDE_GROUPS) has a mosaic of ``per_group``
+    test tiles with one anomaly each. Also writes ``manifest.csv`` and ``recipe.yaml`` (the data
+    settings that index one tile per mosaic cell).
+
+    ``val_kinds``: the few known anomalies, a ``val`` split to choose settings by: a normal val mosaic
+    (a sixth of the training share, so the test split is the same with or without it) and, for each
+    of these kinds, ``val_per_group`` anomalous tiles made on val normals. The test split keeps every
+    kind: those not in ``val_kinds`` are the kinds a choice never saw.
     ``contaminate`` P: a share P of the training mosaic's tiles carry an anomaly (the groups in turn),
     unannotated; the test mosaics are unchanged (``contamination.json`` lists the cells).
     """
@@ -263,11 +309,21 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
         for x in range(0, width - tile + 1, tile):
             if mask[y // 8:(y + tile) // 8, x // 8:(x + tile) // 8].mean() >= 0.9:
                 tiles.append(pixels[y:y + tile, x:x + tile])
+    kinds = tuple(SLIDE_GROUPS if kinds is None else kinds)
+    unknown = sorted(set(kinds) - set(SLIDE_GROUPS)) + sorted(set(val_kinds) - set(SLIDE_GROUPS))
+    if unknown or not kinds:
+        raise ValueError(f"unknown anomaly kind(s) {', '.join(unknown) or '(none given)'}: the slide benchmark "
+                         f"makes {', '.join(SLIDE_GROUPS)}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(tiles))
     n_train = int(0.6 * len(tiles))
     train = [tiles[i] for i in order[:n_train]]
     test = [tiles[i] for i in order[n_train:]]
+    val = []
+    if val_kinds:  # from the training share, so that the test split does not change
+        n_val = max(4, len(train) // 6)
+        train, val = train[:-n_val], train[-n_val:]
+        n_train = len(train)
     sources = {"he_tissue": he_source, "ihc_tissue": ihc_source}
     dirty = contaminated(n_train, contaminate, seed)
     for k, index in enumerate(dirty):
@@ -298,10 +354,12 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
              "group": ""},
             {"path": mosaic("test_normal", test).name, "label": "normal", "split": "test", "annotation": "",
              "group": ""}]
-    for group in SLIDE_GROUPS:
+    for group in SLIDE_GROUPS:  # every group draws its bases, made or not: a kind's tiles never depend on `kinds`
+        bases = [test[int(rng.integers(len(test)))] for _ in range(per_group)]
+        if group not in kinds:
+            continue
         cells, discs = [], []
-        for k in range(per_group):
-            base = test[int(rng.integers(len(test)))]
+        for k, base in enumerate(bases):
             item_rng = np.random.default_rng((seed, SLIDE_GROUPS.index(group), k))
             cell, disc = _anomalous_cell(base, group, item_rng, sources)
             cells.append(cell)
@@ -309,6 +367,21 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
         path = mosaic(f"test_{group}", cells, discs)
         rows.append({"path": path.name, "label": "anomalous", "split": "test", "annotation": f"test_{group}.geojson",
                      "group": group})
+    if val_kinds:
+        rows.append({"path": mosaic("val_normal", val).name, "label": "normal", "split": "val", "annotation": "",
+                     "group": ""})
+        val_rng = np.random.default_rng((seed, 0x7A1))
+        for group in val_kinds:
+            cells, discs = [], []
+            for k in range(val_per_group):
+                base = val[int(val_rng.integers(len(val)))]
+                cell, disc = _anomalous_cell(base, group, np.random.default_rng((seed, 0x7A1, SLIDE_GROUPS.index(group), k)),
+                                             sources)
+                cells.append(cell)
+                discs.append(disc)
+            path = mosaic(f"val_{group}", cells, discs)
+            rows.append({"path": path.name, "label": "anomalous", "split": "val",
+                         "annotation": f"val_{group}.geojson", "group": group})
     manifest = write_manifest(out / "manifest.csv", rows)
     _write_contamination(out, contaminate, [f"train_normal cell {i}" for i in dirty])
     recipe = {"name": "slide-benchmark", "data": {

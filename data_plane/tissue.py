@@ -50,15 +50,17 @@ def tissue_mask(rgb: np.ndarray, config: TissueConfig) -> np.ndarray:
     from skimage.filters import threshold_otsu
     from skimage.morphology import disk, remove_small_objects
 
-    # per block of rows: the colour conversions make several float64 copies of the whole image (150 MB
-    # for a 40k² slide's thumbnail), each pixel's value is the same in a block, and a block's copies are small
-    rows = max(1, (1 << 20) // max(1, rgb.shape[1] * 3))
-    if config.channel == "saturation":
-        signal = np.concatenate([rgb2hsv(rgb[i:i + rows])[..., 1] for i in range(0, len(rgb), rows)])
-        floor = config.min_saturation
-    else:
-        signal = 1.0 - np.concatenate([rgb2gray(rgb[i:i + rows]) for i in range(0, len(rgb), rows)])  # tissue is darker
-        floor = 0.0
+    # per block of rows, into one preallocated channel: the colour conversions make several float64 copies
+    # of what they convert (150 MB for a 40k² slide's thumbnail at once); each pixel's value is the same
+    # in a block, and a block of 2^18 values keeps its copies at 2 MB each
+    rows = max(1, (1 << 18) // max(1, rgb.shape[1] * 3))
+    signal = np.empty(rgb.shape[:2], np.float64)
+    for i in range(0, len(rgb), rows):
+        if config.channel == "saturation":
+            signal[i:i + rows] = rgb2hsv(rgb[i:i + rows])[..., 1]
+        else:
+            signal[i:i + rows] = 1.0 - rgb2gray(rgb[i:i + rows])  # tissue is darker
+    floor = config.min_saturation if config.channel == "saturation" else 0.0
     if float(signal.max()) - float(signal.min()) < 1e-6:
         return np.zeros(signal.shape, bool)  # a uniform image has no tissue (and Otsu is undefined)
     mask = signal > max(float(threshold_otsu(signal)), floor)

@@ -36,9 +36,9 @@ def parse_space(items: list[str]) -> dict[str, list]:
     return space
 
 
-def selection_auroc(folder: Path, groups: list[str] | None) -> tuple[float, list[str]]:
-    """AUROC of an evaluation's normal items against its anomalies of ``groups`` (None: all), and the ids
-    that counted."""
+def selection_auroc(folder: Path, groups: list[str] | None) -> tuple[float, list[str], list[str]]:
+    """AUROC of an evaluation's normal items against its anomalies of ``groups`` (None: all), the ids that
+    counted, and the groups of the anomalies among them (the kinds the choice saw)."""
     from sklearn.metrics import roc_auc_score
 
     from trainers.compare import _read_scores
@@ -48,7 +48,8 @@ def selection_auroc(folder: Path, groups: list[str] | None) -> tuple[float, list
     labels = np.array([table[i][0] for i in used])
     if len(set(labels.tolist())) < 2:
         raise ValueError(f"'{folder}' has no normal item or no anomaly of {groups or 'any group'} to choose by")
-    return float(roc_auc_score(labels, [table[i][2] for i in used])), used
+    seen = sorted({table[i][1] for i in used if table[i][0] == 1})
+    return float(roc_auc_score(labels, [table[i][2] for i in used])), used, seen
 
 
 def pick(trials: list[dict]) -> int:
@@ -92,7 +93,7 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
         setting = dict(zip(space, values))
         folder = out / f"trial{i:03d}-{choose_split}"
         run_eval(choose_split, setting, folder)
-        auroc, used = selection_auroc(folder, choose_groups)
+        auroc, used, seen = selection_auroc(folder, choose_groups)
         trials.append({"setting": setting, "auroc": auroc, "folder": str(folder)})
         log(f"trial {i}: {setting} -> {choose_split} AUROC {auroc:.3f}")
     best = trials[pick(trials)]
@@ -104,9 +105,10 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
     judged_groups = sorted(picked["groups"])
     result = {
         "run": str(run_dir), "space": space, "trials": trials, "pick": best["setting"],
-        "selection": {"split": choose_split, "groups": choose_groups or "all", "items": used,
+        "selection": {"split": choose_split, "groups": seen, "items": used,
                       "normals_shared_with_test": choose_split == test_split},
-        "held_out_groups": [g for g in judged_groups if choose_groups is not None and g not in choose_groups],
+        # kinds the choice never saw: with a val split of a few kinds, every other test kind
+        "held_out_groups": [g for g in judged_groups if g not in seen],
         "test": {"pick": {"overall": picked["overall"], "groups": picked["groups"]},
                  "default": {"overall": plain["overall"], "groups": plain["groups"]}},
         "pick_minus_default": comparison["groups"],

@@ -124,14 +124,18 @@ def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfT
                                                                          "(to choose eval settings by a val AUROC)."),
                          contaminate: float = typer.Option(0.0, min=0.0, max=0.99, help=CONTAMINATE_HELP),
                          workers: int = typer.Option(1, min=1, help="Processes making subjects (the same files "
-                                                                     "as with 1).")) -> None:
+                                                                     "as with 1)."),
+                         other_kinds: int = typer.Option(0, min=0, help="Extra test subjects with outlier kinds "
+                                                         "beyond MOOD's (lesion, cavity, local_blur, intensity_scale "
+                                                         "in turn), never used to choose: held-out kinds.")) -> None:
     """Brain MRI subjects from the MNI152 template, with MOOD's five outlier kinds in the test split."""
     from data_plane.benchmarks import make_brain_benchmark, split_counts
 
     manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous, val_normal=val_normal,
-                                    contaminate=contaminate, workers=workers)
+                                    contaminate=contaminate, workers=workers, other_kinds=other_kinds)
     train, normal, anomalous = split_counts(subjects)
     typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous"
+               f"{f', {other_kinds} test anomalous of other kinds' if other_kinds else ''}"
                f"{f', {val_anomalous} val anomalous' if val_anomalous else ''}"
                f"{f', {val_normal} val normal' if val_normal else ''}) "
                f"-> {manifest}; ingest with: tessera ingest --manifest {manifest} --store STORE")
@@ -142,13 +146,30 @@ def make_benchmark_slide(out: Path = typer.Option(..., help="Output folder (mosa
                          tile: int = typer.Option(128, min=32, help="Tile size in pixels."),
                          per_group: int = typer.Option(12, min=1, help="Anomalous tiles per group."),
                          seed: int = typer.Option(0, help="Seed of the split and the anomalies."),
-                         contaminate: float = typer.Option(0.0, min=0.0, max=0.99, help=CONTAMINATE_HELP)) -> None:
-    """Normal tissue tiles from the sample slide and tiles carrying foreign tissue or MOOD outliers, one group each."""
+                         contaminate: float = typer.Option(0.0, min=0.0, max=0.99, help=CONTAMINATE_HELP),
+                         kinds: Optional[str] = typer.Option(None, help="Anomaly kinds of the test split, comma-"
+                                                             "separated (default: all)."),
+                         val_kinds: Optional[str] = typer.Option(None, help="The few known anomalies: kinds of a 'val' "
+                                                                 "split to choose settings by (posthoc, fuse, tune); "
+                                                                 "the test's other kinds are the ones never seen."),
+                         val_per_group: int = typer.Option(4, min=1, help="Anomalous val tiles per val kind.")) -> None:
+    """Normal tissue tiles from the sample slide and tiles carrying foreign tissue, MOOD outliers or lab artefacts
+    (out of focus, marker ink), one group each."""
     from data_plane.benchmarks import SLIDE_GROUPS, make_slide_benchmark
 
-    manifest = make_slide_benchmark(out, tile, per_group, seed, contaminate)
-    typer.echo(f"groups {', '.join(SLIDE_GROUPS)} -> {manifest}; ingest with: tessera ingest --manifest {manifest} "
-               f"--store STORE --config {Path(out) / 'recipe.yaml'}")
+    def listed(text):
+        return [k.strip() for k in text.split(",") if k.strip()] if text else []
+
+    try:
+        manifest = make_slide_benchmark(out, tile, per_group, seed, contaminate, listed(kinds) or None,
+                                        listed(val_kinds), val_per_group)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    made = listed(kinds) or list(SLIDE_GROUPS)
+    typer.echo(f"test groups {', '.join(made)}" + (f"; val groups {', '.join(listed(val_kinds))} ({val_per_group} "
+               f"tiles each), held out of any choice: {', '.join(k for k in made if k not in listed(val_kinds))}"
+               if val_kinds else "") + f" -> {manifest}")
+    typer.echo(f"ingest with: tessera ingest --manifest {manifest} --store STORE --config {Path(out) / 'recipe.yaml'}")
 
 
 @app.command("export-annotations")

@@ -26,8 +26,8 @@ def test_the_known_best_setting_is_picked_on_a_constructed_case(tmp_path):
     trials = []
     for name, scorer in scorers.items():
         folder = write_eval(tmp_path / name, [(i, label, g, float(scorer(label, g))) for i, label, g in rows])
-        auroc, used = selection_auroc(folder, ["kind_a"])
+        auroc, used, seen = selection_auroc(folder, ["kind_a"])
         trials.append({"setting": name, "auroc": auroc})
-        assert set(used) == {i for i, label, g in rows if label == 0 or g == "kind_a"}
+        assert set(used) == {i for i, label, g in rows if label == 0 or g == "kind_a"} and seen == ["kind_a"]
     assert trials[pick(trials)]["setting"] == "good_a" and trials[0]["auroc"] == 1.0
     assert pick([{"auroc": 0.7}, {"auroc": 0.7}]) == 0  # ties: the space's first (the default's place)
