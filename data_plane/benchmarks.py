@@ -294,6 +294,11 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
     from data_plane.tiff_writer import write_pyramidal_tiff
     from data_plane.tissue import tissue_mask
 
+    kinds = tuple(SLIDE_GROUPS if kinds is None else kinds)
+    unknown = sorted(set(kinds) - set(SLIDE_GROUPS)) + sorted(set(val_kinds) - set(SLIDE_GROUPS))
+    if unknown or not kinds:
+        raise ValueError(f"unknown anomaly kind(s) {', '.join(unknown) or '(none given)'}: the slide benchmark "
+                         f"makes {', '.join(SLIDE_GROUPS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = fetch_sample_data()
@@ -309,11 +314,6 @@ def make_slide_benchmark(out: str | Path, tile: int = 128, per_group: int = 12, 
         for x in range(0, width - tile + 1, tile):
             if mask[y // 8:(y + tile) // 8, x // 8:(x + tile) // 8].mean() >= 0.9:
                 tiles.append(pixels[y:y + tile, x:x + tile])
-    kinds = tuple(SLIDE_GROUPS if kinds is None else kinds)
-    unknown = sorted(set(kinds) - set(SLIDE_GROUPS)) + sorted(set(val_kinds) - set(SLIDE_GROUPS))
-    if unknown or not kinds:
-        raise ValueError(f"unknown anomaly kind(s) {', '.join(unknown) or '(none given)'}: the slide benchmark "
-                         f"makes {', '.join(SLIDE_GROUPS)}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(tiles))
     n_train = int(0.6 * len(tiles))

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from data_plane.config import DataConfig
-from data_plane.pyramid import write_level0, write_reduced
+from data_plane.pyramid import release_freed_memory, write_level0, write_reduced
 from data_plane.sources import (IngestError, Source, SourceError, read_manifest_csv, resolve_sources, sha256_of,
                                 source_for)
 from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, is_storage_error, own, \
@@ -60,7 +60,12 @@ def _open_slide(path: Path):
     if not path.exists():
         raise IngestError(f"file '{path}' does not exist")
     try:
-        return openslide.OpenSlide(str(path))
+        slide = openslide.OpenSlide(str(path))
+        if hasattr(slide, "set_cache"):  # openslide-python >= 1.3 with OpenSlide >= 4
+            # ingest reads each region once, in order: OpenSlide's default 32 MiB tile cache would only
+            # hold decoded tiles nobody asks for again (a quarter of the ingest's peak RSS)
+            slide.set_cache(openslide.OpenSlideCache(4 << 20))
+        return slide
     except openslide.OpenSlideUnsupportedFormatError as exc:
         raise IngestError(f"'{path.name}' is not readable by OpenSlide: not a slide format it knows, or a "
                           f"truncated or corrupt file (OpenSlide: {exc})") from exc
@@ -197,6 +202,8 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
         except openslide.OpenSlideError as exc:
             raise IngestError(f"'{source.path.name}' could not be decoded (truncated or corrupt file?): {exc}") from exc
         tissue = tissue_mask(low, config.tissue)
+        del low
+        release_freed_memory()  # the mask's float copies of the thumbnail: gone before the pyramid starts
         if not tissue.any():
             raise IngestError(f"no tissue found in '{source.path.name}' (Otsu on {config.tissue.channel} of a "
                               f"1/{tissue_ds} image): blank slide, or lower data.tissue.min_saturation")
@@ -255,6 +262,7 @@ def ingest_slide(source: Source, store: str, config: DataConfig,
             write_label(group, name, mask, config.annotations.downsample, mpp0, len(shapes), compressor,
                         LABEL_COLOURS["annotation"], {"kind": "annotation", "source": str(source.annotation)})
 
+        release_freed_memory()
         rows = _tile_rows(source, (height0, width0), len(shapes), factor, config, tissue, tissue_ds,
                           anomaly, config.annotations.downsample)
         sha256 = digest.result()

@@ -24,6 +24,23 @@ _LIBC = ctypes.util.find_library("c")
 _MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
 
 
+def _in_order(function, items, threads: int):
+    """``function`` over ``items`` on ``threads`` threads, results in order, at most 4 per thread in
+    flight: ``Executor.map`` submits every item at once, and a 40k² slide's 16k chunks held as futures
+    grew the ingest's peak RSS with the slide's size."""
+    from collections import deque
+
+    window = 4 * threads
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc ``malloc_trim``), so RSS follows live memory."""
     if _MALLOC_TRIM is not None:
@@ -67,9 +84,8 @@ def write_level0(slide, array, chunk_grid: np.ndarray, chunk: int, threads: int,
         writer.write(y, x, pixels.transpose(2, 0, 1))
 
     advance = _counted(progress)
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(copy, zip(*np.nonzero(chunk_grid))):
-            advance(1)
+    for _ in _in_order(copy, zip(*np.nonzero(chunk_grid)), threads):
+        advance(1)
     release_freed_memory()
 
 
@@ -107,8 +123,7 @@ def write_reduced(parent, array, parent_grid: np.ndarray, chunk: int, threads: i
         writer.write(y, x, small[:, : min(chunk, height - y), : min(chunk, width - x)])
 
     advance = _counted(progress)
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(reduce, zip(*np.nonzero(grid))):
-            advance(1)
+    for _ in _in_order(reduce, zip(*np.nonzero(grid)), threads):
+        advance(1)
     release_freed_memory()
     return grid

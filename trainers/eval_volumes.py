@@ -28,37 +28,92 @@ def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
     return full[:, top:top + height, left:left + width].numpy()
 
 
+def map_cache_folder(root: Path, run_dir: Path, method, store, stream_config) -> Path:
+    """Where ``score_volumes`` keeps the raw voxel maps of one run's weights, scoring options (those that
+    only pool maps into sample scores excepted: ``Method.pooling_options``), store and slicing. A trial
+    of `tessera posthoc` that changes σ, the normal baseline or a pooling option then re-pools cached maps
+    (seconds) instead of re-scoring every slice (minutes)."""
+    import hashlib
+
+    from data_plane.store import store_path
+
+    weights = run_dir / "final.pt"
+    options = {k: v for k, v in method.config.model_dump(mode="json").items() if k not in method.pooling_options}
+    key = {"run": str(run_dir.resolve()), "store": str(store_path(store).resolve()), "options": options,
+           "slice_axis": stream_config.slice_axis, "slice_size": stream_config.slice_size,
+           "weights": [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = root / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+    return folder
+
+
+def _cached_map(cache: Path | None, volume_id: str) -> tuple[np.ndarray, dict] | None:
+    path = cache / f"{volume_id}.npz" if cache is not None else None
+    if path is None or not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return saved["scores"], json.loads(str(saved["terms"]))
+
+
+def _cache_map(cache: Path, volume_id: str, scores: np.ndarray, terms: dict) -> None:
+    partial = cache / f".{volume_id}.partial.npz"  # renamed whole: a killed trial leaves no half map
+    np.savez(partial, scores=scores, terms=json.dumps(terms))
+    partial.replace(cache / f"{volume_id}.npz")
+
+
 @torch.no_grad()
 def score_volumes(method, store, stream_config, ids: list[str], batch_size: int, workers: int, show: bool,
-                   device: torch.device, description: str, terms: dict | None = None) -> tuple[dict, dict]:
+                   device: torch.device, description: str, terms: dict | None = None,
+                   cache: Path | None = None) -> tuple[dict, dict]:
     """Score ``ids`` slice by slice: their reassembled (unsmoothed) voxel score volumes and index rows.
     With ``terms`` (a dict) and a method with score terms, each volume's per-slice terms are added to it:
-    ``terms[volume_id][name]`` lists (slice foreground fraction, value)."""
+    ``terms[volume_id][name]`` lists (slice foreground fraction, value). With ``cache`` (a folder from
+    :func:`map_cache_folder`), volumes scored before are read from it and new ones written to it."""
     from torch.utils.data import DataLoader
 
     from data_plane.progress import track
     from data_plane.volume_stream import SliceStream
 
-    stream = SliceStream(store, stream_config.model_copy(update={"ids": ids}), shuffle=False).batched(batch_size)
+    listed = SliceStream(store, stream_config.model_copy(update={"ids": ids}), shuffle=False)
+    volumes = {row.volume_id: row for row in listed.volumes.itertuples(index=False)}
+    scores, found = {}, {}
+    for volume_id in volumes:
+        hit = _cached_map(cache, volume_id)
+        if hit is not None:
+            scores[volume_id], found[volume_id] = hit
+            if terms is not None and hit[1]:
+                terms[volume_id] = {name: [tuple(v) for v in values] for name, values in hit[1].items()}
+    missing = [v for v in volumes if v not in scores]
+    if not missing:
+        return scores, volumes
+    stream = SliceStream(store, stream_config.model_copy(update={"ids": missing}), shuffle=False).batched(batch_size)
     axis = stream_config.slice_axis
-    volumes = {row.volume_id: row for row in stream.volumes.itertuples(index=False)}
-    scores = {v: np.zeros((row.shape_z, row.shape_y, row.shape_x), np.float32) for v, row in volumes.items()}
+    scores.update({v: np.zeros((volumes[v].shape_z, volumes[v].shape_y, volumes[v].shape_x), np.float32)
+                   for v in missing})
+    mine = {} if cache is not None else terms  # with a cache, every volume's terms are kept to be saved
     batches = DataLoader(stream, batch_size=None, num_workers=workers)
     for batch in track(batches, total=len(stream), description=description, show=show):
         _, maps, parts = _scored(method, on_device(batch, device))
         maps = maps.float().cpu()
-        if terms is not None and parts:
+        if mine is not None and parts:
             foreground = (batch["image"] != 0).flatten(1).float().mean(1)
             for name, values in parts.items():
                 for i, volume_id in enumerate(batch["volume_id"]):
-                    terms.setdefault(volume_id, {}).setdefault(name, []).append((float(foreground[i]),
-                                                                                 float(values[i])))
+                    mine.setdefault(volume_id, {}).setdefault(name, []).append((float(foreground[i]),
+                                                                                float(values[i])))
         for i, volume_id in enumerate(batch["volume_id"]):
             plane_shape = [s for a, s in enumerate(scores[volume_id].shape) if a != axis]
             plane = _unsquare(maps[i], *plane_shape)[0]
             index = [slice(None)] * 3
             index[axis] = int(batch["slice"][i])
             scores[volume_id][tuple(index)] = plane
+    if cache is not None:
+        for volume_id in missing:
+            _cache_map(cache, volume_id, scores[volume_id], mine.get(volume_id, {}))
+        if terms is not None:
+            terms.update({v: mine[v] for v in missing if v in mine})
     return scores, volumes
 
 
@@ -69,7 +124,7 @@ def check_baseline_shape(volume_id: str, shape: tuple, expected: tuple | None, s
 
 
 def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int, workers: int, show: bool,
-                    device: torch.device, env=None, run_store=None) -> np.ndarray:
+                    device: torch.device, env=None, run_store=None, map_cache: Path | None = None) -> np.ndarray:
     """The voxel-wise mean of the smoothed score volumes of the normal volumes of split
     ``stream_config.normal_baseline``: where the model's false positives on normal anatomy recur.
 
@@ -117,8 +172,9 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
     elif cached is not None:
         return cached
     mine = _share(ids, env)
+    cache = map_cache_folder(map_cache, run_dir, method, store, config) if map_cache is not None else None
     scores, _ = score_volumes(method, store, config, mine, batch_size, workers, show, device,
-                               f"baseline {split} normals") if mine else ({}, {})
+                               f"baseline {split} normals", cache=cache) if mine else ({}, {})
     total = None
     for volume_id, volume in scores.items():
         volume = smooth_scores(volume, stream_config.score_smoothing)
@@ -147,9 +203,10 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
 @torch.no_grad()
 def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
                      show_progress: bool, env=None, device: torch.device | None = None, options: dict | None = None,
-                     out: Path | None = None) -> dict | None:
+                     out: Path | None = None, map_cache: Path | None = None) -> dict | None:
     """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
-    (with several ranks: each its share of the volumes, gathered on the main rank)."""
+    (with several ranks: each its share of the volumes, gathered on the main rank). ``map_cache``: a
+    folder keeping the raw voxel maps between evaluations of the same weights (see map_cache_folder)."""
     from data_plane.store import store_path
     from data_plane.volume_stream import select_volumes
     from data_plane.volumes import volume_array, volume_index, write_volume_scores
@@ -171,12 +228,13 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     baseline = None
     if stream_config.normal_baseline:
         baseline = normal_baseline(run_dir, method, stream_config, store, batch_size, workers, show, device, env,
-                                   run_store=config.data.store)
+                                   run_store=config.data.store, map_cache=map_cache)
     metrics, extras, slice_terms = AnomalyMetrics(), {}, {}
     names = []
     if mine:
+        cache = map_cache_folder(map_cache, run_dir, method, store, stream_config) if map_cache is not None else None
         scores, volumes = score_volumes(method, store, stream_config, mine, batch_size, workers, show, device,
-                                         f"eval {split}", slice_terms)
+                                         f"eval {split}", slice_terms, cache=cache)
         root = store_path(store)
         reduce = method.sample_score
         for volume_id, row in volumes.items():

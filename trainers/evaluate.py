@@ -64,7 +64,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
              batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
              device: torch.device | None = None, score_smoothing: float | None = None,
              normal_baseline: str | None = None, options: dict | None = None,
-             out: str | Path | None = None, slide_top_fraction: float = 0.05) -> dict | None:
+             out: str | Path | None = None, slide_top_fraction: float = 0.05,
+             map_cache: str | Path | None = None) -> dict | None:
     """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs into
     ``out`` (default ``RUN_DIR/eval-SPLIT``). ``options``: method options for scoring (load_method).
 
@@ -74,6 +75,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
 
     ``score_smoothing`` and ``normal_baseline`` (volume runs) replace the run's
     ``data.volume_stream`` settings of those names; ``normal_baseline="none"`` turns it off.
+    ``map_cache`` (volume runs): a folder where raw voxel maps are kept and reused by later evaluations
+    of the same weights, options and store (`tessera posthoc` trials).
 
     With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
     heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
@@ -100,7 +103,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         if normal_baseline is not None:
             config.data.volume_stream.normal_baseline = None if normal_baseline == "none" else normal_baseline
         return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device,
-                                options, out)
+                                options, out, Path(map_cache) if map_cache is not None else None)
     method, _ = load_method(run_dir, options)
     method.to(device)
     test_crop = config.data.stream.eval_crop

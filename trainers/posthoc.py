@@ -3,7 +3,8 @@ that shape the score, such as ``image_pooling``; ``score_smoothing`` and ``norma
 runs) chosen by the AUROC of a few known anomalies, then judged on anomalies that did not choose.
 
 Every setting of the space is evaluated on ``choose_split`` (each trial is a real evaluation into its own
-folder); the AUROC that chooses counts that split's normal items and its anomalies of ``choose_groups``
+folder; for volume runs the raw voxel maps are scored once and kept in OUT/map-cache, so a trial that
+changes σ, the normal baseline or a pooling option re-pools them in seconds); the AUROC that chooses counts that split's normal items and its anomalies of ``choose_groups``
 only (None: all of them). The pick and the run's default setting are then evaluated on ``test_split``
 and paired with `tessera compare`'s bootstrap, overall and per group, so the groups left out of the
 choice (``held_out_groups``) say whether the choice carries over to kinds nobody listed. ``posthoc.json``
@@ -86,7 +87,7 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
         if "normal_baseline" in settings and settings["normal_baseline"] is None:
             settings["normal_baseline"] = "none"
         return evaluate(run_dir, split=split, options=options or None, out=folder, show_progress=False,
-                        workers=workers, batch_size=batch_size, **settings)
+                        workers=workers, batch_size=batch_size, map_cache=out / "map-cache", **settings)
 
     trials = []
     for i, values in enumerate(itertools.product(*space.values())):

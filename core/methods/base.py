@@ -82,6 +82,8 @@ class Method(nn.Module):
     projects_tiles: bool = False    # True: inverted(images) gives {"w", "reconstruction", "distance"}
                                     # for `tessera synthesize --project`
     adjust_interval: int = 0        # > 0: the trainer calls adjust() every this many steps
+    pooling_options: tuple[str, ...] = ()  # options that only pool maps into sample scores: cached maps
+                                           # (`tessera posthoc`) stay valid when they change
 
     def groups(self) -> dict[str, nn.Module]:
         raise NotImplementedError

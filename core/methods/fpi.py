@@ -82,6 +82,8 @@ class WideResidualEncoderDecoder(nn.Module):
 
 @register_method("fpi")
 class ForeignPatchInterpolation(Method):
+    pooling_options = ("volume_top_fraction",)  # the volume score pools the reassembled map; slices ignore it
+
     class Config(StrictConfig):
         in_channels: int = Field(1, ge=1)             # 1 for MRI slices, 3 for RGB tiles
         mode: Literal["continuous", "discrete"] = "continuous"  # α ~ U(0,1) with BCE, or 5 levels with CE

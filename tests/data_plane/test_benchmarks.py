@@ -8,15 +8,20 @@ import nibabel
 import numpy as np
 
 
-def test_val_subjects_leave_train_and_test_unchanged(tmp_path):
+def test_val_subjects_and_other_kinds_leave_train_and_test_unchanged(tmp_path):
     from data_plane.benchmarks import make_brain_benchmark
 
     plain = make_brain_benchmark(tmp_path / "plain", subjects=6, resolution=2, seed=2, show_progress=False)
     extended = make_brain_benchmark(tmp_path / "val", subjects=6, resolution=2, seed=2, show_progress=False,
-                                    val_anomalous=2, val_normal=2)
+                                    val_anomalous=2, val_normal=2, other_kinds=2)
     before, after = list(csv.DictReader(open(plain))), list(csv.DictReader(open(extended)))
     assert after[:6] == before
-    val = after[6:]
+    other = after[10:]  # test subjects with kinds beyond MOOD's, after everything else
+    assert [(r["split"], r["label"], r["group"]) for r in other] == [("test", "anomalous", "lesion"),
+                                                                     ("test", "anomalous", "cavity")]
+    for row in other:
+        assert np.asarray(nibabel.load(extended.parent / row["mask"]).dataobj).any()
+    val = after[6:10]
     assert [(r["split"], r["label"]) for r in val] == [("val", "anomalous")] * 2 + [("val", "normal")] * 2
     assert all(r["group"] for r in val[:2]) and not any(r["group"] for r in val[2:])
     for row in before:

@@ -176,14 +176,21 @@ def test_slide_benchmark_ingests_into_labelled_groups(tmp_path, sample_data):
     from data_plane.stream import TileStream
     from tessera.config import load_config
 
-    manifest = make_slide_benchmark(tmp_path / "bench", tile=128, per_group=6, seed=2)
+    manifest = make_slide_benchmark(tmp_path / "bench", tile=128, per_group=6, seed=2, val_kinds=["ihc_tissue"],
+                                    val_per_group=3)
     config = load_config(tmp_path / "bench" / "recipe.yaml").data
     report = ingest(resolve_sources([], manifest), tmp_path / "s.zarr", config, show_progress=False)
-    assert not report.failed and len(report.done) == 2 + len(SLIDE_GROUPS)
+    assert not report.failed and len(report.done) == 2 + len(SLIDE_GROUPS) + 2  # + val normals, val IHC
     tiles = pd.read_parquet(tmp_path / "s.zarr" / ".tessera" / "tiles.parquet")
     assert set(tiles[tiles["split"] == "train"]["label"]) == {"normal"}
-    counts = tiles[tiles["label"] == "anomalous"].groupby("group").size()
+    test = tiles[tiles["split"] == "test"]
+    counts = test[test["label"] == "anomalous"].groupby("group").size()
     assert set(counts.index) == set(SLIDE_GROUPS) and (counts >= 4).all()
+    # the few known anomalies: their own normals and one kind; every other kind is only in test
+    val = tiles[tiles["split"] == "val"]
+    assert set(val[val["label"] == "anomalous"]["group"]) == {"ihc_tissue"} and (val["label"] == "normal").sum() >= 4
+    with pytest.raises(ValueError, match="unknown anomaly kind"):
+        make_slide_benchmark(tmp_path / "bad", kinds=["ihc_tissue", "tumour"])
     stream = TileStream(tmp_path / "s.zarr", StreamConfig(splits=["test"], groups=["he_tissue"], labels=["anomalous"]),
                         shuffle=False)
     masks = [item["mask"] for item in stream]

@@ -412,6 +412,24 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
     assert elsewhere["overall"] == pytest.approx(based["overall"], rel=1e-5, nan_ok=True) and len(scored) == 1
     assert not list((run_dir / "baselines").glob("*.partial*"))
 
+    # With a map cache (`tessera posthoc`): the first evaluation scores the test volumes' slices once and
+    # keeps their raw maps; another σ and no baseline then re-pools them, scoring no slice, to the same
+    # metrics as an evaluation without the cache.
+    calls = []
+    with monkeypatch.context() as patch:
+        real_scored = evaluation._scored
+        patch.setattr(evaluation, "_scored", lambda *a, **k: (calls.append(1), real_scored(*a, **k))[1])
+        cached = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=2.0,
+                          normal_baseline="train", map_cache=tmp_path / "maps", out=tmp_path / "eval-cached")
+        first = len(calls)
+        repooled = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=0.0,
+                            normal_baseline="none", map_cache=tmp_path / "maps", out=tmp_path / "eval-cached0")
+    assert first > 0 and len(calls) == first
+    assert cached["overall"] == pytest.approx(based["overall"], rel=1e-5, nan_ok=True)
+    assert repooled["overall"] == pytest.approx(result["overall"], rel=1e-5, nan_ok=True)
+    (maps,) = (tmp_path / "maps").iterdir()
+    assert sorted(p.name for p in maps.glob("*.npz")) == sorted(f"{v}.npz" for v in test_ids)
+
     # Two ranks build the map from their shares of the normals (summed across ranks) and score alike.
     (run_dir / "baselines" / "train-sigma2.npz").unlink()
     done = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", str(run_dir), "--nproc", "2",
