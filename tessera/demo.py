@@ -154,7 +154,7 @@ def run_demo(config, console: Console | None = None) -> Path:
     stage("4. a benchmark with known anomalies from the sample slide")
     import yaml
 
-    from data_plane.benchmarks import make_slide_benchmark
+    from data_plane.benchmarks import SLIDE_GROUPS, make_slide_benchmark
     from tessera.config import RunConfig
 
     bench = run.path / "slide-benchmark"
@@ -166,7 +166,8 @@ def run_demo(config, console: Console | None = None) -> Path:
     tree["data"]["store"] = str(run.path / "benchmark.zarr")
     bench_config = RunConfig.model_validate(tree)
     report = ingest(resolve_sources([], manifest), bench_config.data.store, bench_config.data)
-    console.print(f"  {len(report.done)} mosaic slides -> {report.tiles} tiles (normal train/test, 7 anomaly groups)")
+    console.print(f"  {len(report.done)} mosaic slides -> {report.tiles} tiles (normal train/test, {len(SLIDE_GROUPS)} "
+                  f"anomaly groups: foreign tissue, MOOD's outliers in 2D, lab artefacts)", soft_wrap=True)
     run.metrics({"stage": "benchmark", "tiles": report.tiles})
 
     stage("5. a detector that works: Multiresolution Knowledge Distillation finds foreign tissue")

@@ -59,13 +59,15 @@ def _pixel_sides(folders: list[Path], counts: tuple[int, int], ids: list[str]) -
 
 
 def compare_evals(a, b, split: str = "test", out: str | Path | None = None, resamples: int = 2000,
-                  level: float = 0.95) -> dict:
+                  level: float = 0.95, pooled: dict[str, list[str]] | None = None) -> dict:
     """Image AUROC of evaluation A against B on the same items, overall and per group, with paired
     bootstrap intervals of the difference (core.metrics.paired_auroc_difference); likewise pixel AP
     (core.metrics.paired_pixel_difference) where both have pixel maps. ``a`` and ``b`` are
     each a run directory or evaluation folder, or a list of them (e.g. one run per seed: that side's
     AUROC is their mean). Writes ``compare.json`` and a forest plot ``compare.png`` into ``out``
-    (default A's first evaluation folder / compare-<B's first run>) and returns what it wrote."""
+    (default A's first evaluation folder / compare-<B's first run>) and returns what it wrote.
+    ``pooled``: extra rows, each the normals against the anomalies of several groups together (e.g. the
+    kinds a choice never saw)."""
     from core.metrics import paired_auroc_difference, paired_pixel_difference
 
     sides = [[_eval_folder(path, split) for path in ([side] if isinstance(side, (str, Path)) else side)]
@@ -96,6 +98,8 @@ def compare_evals(a, b, split: str = "test", out: str | Path | None = None, resa
     normal = label == 0
     selections = {"overall": label == 1}
     selections.update({g: (label == 1) & (group == g) for g in sorted(set(group[label == 1]))})
+    members = {name: list(groups) for name, groups in (pooled or {}).items() if groups}
+    selections.update({name: (label == 1) & np.isin(group, groups) for name, groups in members.items()})
     rows = {}
     for name, anomalous in selections.items():
         if not normal.any() or not anomalous.any():
@@ -109,7 +113,8 @@ def compare_evals(a, b, split: str = "test", out: str | Path | None = None, resa
     if pixels is not None:
         normal_p = pixels["labels"] == 0
         for name in rows:
-            anomalous_p = (pixels["labels"] == 1) & (True if name == "overall" else pixels["groups"] == name)
+            chosen = members.get(name, [name])
+            anomalous_p = (pixels["labels"] == 1) & (True if name == "overall" else np.isin(pixels["groups"], chosen))
             if anomalous_p.any():
                 rows[name]["pixel_ap"] = paired_pixel_difference(
                     [h[normal_p] for h in pixels["sides"][0]], [h[anomalous_p] for h in pixels["sides"][0]],

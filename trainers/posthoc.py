@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+HELD_OUT = "held-out kinds"  # the pooled row of pick_minus_default
 EVAL_SETTINGS = ("score_smoothing", "normal_baseline")  # evaluate()'s own arguments; the rest are method options
 
 
@@ -102,14 +103,17 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
     default = out / f"default-{test_split}"
     picked = run_eval(test_split, best["setting"], chosen)
     plain = run_eval(test_split, {}, default)
-    comparison = compare_evals(chosen, default, split=test_split, out=out / "compare")
     judged_groups = sorted(picked["groups"])
+    held_out = [g for g in judged_groups if g not in seen]
+    # the kinds the choice never saw, pooled: one interval for "does the choice carry over"
+    comparison = compare_evals(chosen, default, split=test_split, out=out / "compare",
+                               pooled={HELD_OUT: held_out} if len(held_out) > 1 else None)
     result = {
         "run": str(run_dir), "space": space, "trials": trials, "pick": best["setting"],
         "selection": {"split": choose_split, "groups": seen, "items": used,
                       "normals_shared_with_test": choose_split == test_split},
         # kinds the choice never saw: with a val split of a few kinds, every other test kind
-        "held_out_groups": [g for g in judged_groups if g not in seen],
+        "held_out_groups": held_out,
         "test": {"pick": {"overall": picked["overall"], "groups": picked["groups"]},
                  "default": {"overall": plain["overall"], "groups": plain["groups"]}},
         "pick_minus_default": comparison["groups"],

@@ -22,6 +22,7 @@ adversarial term (``adversarial_weight``, adding a discriminator group ``D``).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,14 @@ class DeepPerceptualAutoencoder(Method):
         normalise: bool = True                        # f̂ = (f − μ)/σ with the run's feature statistics
         l1_weight: float = Field(0.0, ge=0)           # extra pixel L1 term (ablation; off)
         adversarial_weight: float = Field(0.0, ge=0)  # extra adversarial term with a discriminator (ablation; off)
+        # Scoring only (`tessera eval --option`, `tessera posthoc --search`): a tile larger than resolution
+        # is scored as windows every window_stride px (null: resolution, side by side as in the paper;
+        # half of it: overlapping, so an anomaly on a window's edge is whole in another); a window's
+        # score is its whole relative L1 ('mean', the paper) or that of its highest pooling_top share of
+        # feature positions, scaled to the whole map ('top': a small anomaly is not diluted).
+        window_stride: int | None = Field(None, ge=1)
+        image_pooling: Literal["mean", "top"] = "mean"
+        pooling_top: float = Field(0.1, gt=0, le=1)
 
         @model_validator(mode="after")
         def _power_of_two(self):
@@ -263,15 +272,20 @@ class DeepPerceptualAutoencoder(Method):
         its score the highest window score (an anomaly is local; averaging would dilute it)."""
         images = batch["image"]
         size = self.config.resolution
+        stride = self.config.window_stride or size
         height, width = images.shape[-2:]
-        if (height, width) != (size, size) and height % size == 0 and width % size == 0:
-            rows, columns = height // size, width // size
-            windows = images.unfold(2, size, size).unfold(3, size, size)  # B, C, rows, columns, size, size
+        if (height, width) != (size, size) and height >= size and width >= size and \
+                (height - size) % stride == 0 and (width - size) % stride == 0:
+            windows = images.unfold(2, size, stride).unfold(3, size, stride)  # B, C, rows, columns, size, size
+            rows, columns = windows.shape[2:4]
             windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], size, size)
             scores, maps = self._score_windows(windows)
             scores = scores.view(len(images), rows * columns).amax(dim=1)
-            maps = maps.view(len(images), rows, columns, size, size).permute(0, 1, 3, 2, 4)
-            return scores, maps.reshape(len(images), 1, height, width)
+            # each pixel: the mean of the maps of the windows that cover it (one, without overlap)
+            blocks = maps.reshape(len(images), rows * columns, size * size).transpose(1, 2)
+            summed = F.fold(blocks, (height, width), size, stride=stride)
+            covered = F.fold(torch.ones_like(blocks), (height, width), size, stride=stride)
+            return scores, summed / covered
         return self._score_windows(images)
 
     def _score_windows(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +294,12 @@ class DeepPerceptualAutoencoder(Method):
         fake = self._features(self.autoencoder(images), layer)
         distance = (real - fake).abs().sum(dim=1, keepdim=True)
         scale = real.abs().flatten(1).sum(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
-        image_scores = distance.flatten(1).sum(dim=1) / scale.flatten()
+        flat = distance.flatten(1)
+        if self.config.image_pooling == "top":  # the top share's mean, times the positions: the whole map's scale
+            k = max(1, math.ceil(self.config.pooling_top * flat.shape[1]))
+            image_scores = flat.topk(k, dim=1).values.mean(dim=1) * flat.shape[1] / scale.flatten()
+        else:
+            image_scores = flat.sum(dim=1) / scale.flatten()
         pixel = F.interpolate(distance / scale * distance[0, 0].numel(), size=images.shape[-2:],
                               mode="bilinear", align_corners=False)
         return image_scores, pixel

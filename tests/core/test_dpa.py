@@ -41,6 +41,28 @@ def test_score_is_the_loss_on_normalised_features():
     torch.testing.assert_close(pixels.mean(dim=(1, 2, 3)), scores, rtol=1e-3, atol=1e-4)
 
 
+def test_windows_with_overlap_and_top_pooling_score_a_tile():
+    """A 64 px tile for a 32 px model: the window scores, the highest of them the tile's; with half-window
+    strides the 9 overlapping windows (the 4 side-by-side ones among them) and a map that averages them;
+    'top' pools a window's highest share of positions on the whole map's scale (>= its mean)."""
+    method = small(normalise=False)
+    tiles = torch.rand(2, 3, 64, 64)
+    corners = [(y, x) for y in (0, 32) for x in (0, 32)]
+    windows = torch.stack([tiles[:, :, y:y + 32, x:x + 32] for y, x in corners], 1).flatten(0, 1)
+    alone, alone_maps = method._score_windows(windows)
+    scores, maps = method.score({"image": tiles})
+    torch.testing.assert_close(scores, alone.view(2, 4).amax(1))
+    for i, (y, x) in enumerate(corners):  # side by side: each window's own map in its place
+        torch.testing.assert_close(maps[:, :, y:y + 32, x:x + 32], alone_maps.view(2, 4, 1, 32, 32)[:, i])
+    method.config.window_stride = 16
+    overlapping, averaged = method.score({"image": tiles})
+    assert (overlapping >= scores - 1e-6).all() and averaged.shape == maps.shape  # 9 windows, the 4 among them
+    torch.testing.assert_close(averaged[:, :, :16, :16], maps[:, :, :16, :16])  # a corner: one window covers it
+    method.config.window_stride, method.config.image_pooling, method.config.pooling_top = None, "top", 0.25
+    top, _ = method.score({"image": tiles})
+    assert (top >= scores - 1e-6).all()
+
+
 def test_statistics_are_required_when_normalising():
     method = small()
     with pytest.raises(RuntimeError, match="feature statistics"):

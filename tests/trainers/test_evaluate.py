@@ -546,7 +546,9 @@ def test_posthoc_on_a_trained_run_judges_the_pick_on_held_out_groups(trained, tm
     assert len(saved["trials"]) == 2 and saved["selection"]["normals_shared_with_test"]
     assert all("ihc_tissue" in i or i.startswith("test_normal") for i in saved["selection"]["items"])
     assert "ihc_tissue" not in saved["held_out_groups"] and "he_tissue" in saved["held_out_groups"]
-    assert set(saved["pick_minus_default"]) >= {"overall", "he_tissue"}
+    assert set(saved["pick_minus_default"]) >= {"overall", "he_tissue", "held-out kinds"}
+    pooled = saved["pick_minus_default"]["held-out kinds"]  # the kinds the choice never saw, together
+    assert pooled["n_anomalous"] == sum(saved["pick_minus_default"][g]["n_anomalous"] for g in saved["held_out_groups"])
     assert saved["apply"].startswith(f"tessera eval {run_dir} --option image_pooling=")
     assert result["test"]["default"]["overall"]["image_auroc"] == pytest.approx(
         json.loads((tmp_path / "ph" / "default-test" / "metrics.json").read_text())["overall"]["image_auroc"])
