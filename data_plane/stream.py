@@ -174,7 +174,8 @@ def _resize(pixels: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     from PIL import Image
 
     method = Image.NEAREST if nearest else Image.BILINEAR
-    return np.asarray(Image.fromarray(pixels).resize((size, size), method))
+    # np.array, not asarray: PIL hands out a read-only buffer, which torch.from_numpy warns about
+    return np.array(Image.fromarray(pixels).resize((size, size), method))
 
 
 class _TileLoader:

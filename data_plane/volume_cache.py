@@ -15,6 +15,7 @@ its own copies, as before, after one warning that says how to give it room.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
@@ -86,19 +87,24 @@ class VolumeCache:
     def _shared(self, key: tuple[str, ...], decode: Callable[[], np.ndarray]) -> np.ndarray:
         path = self.folder / ("--".join(key) + ".npy")
         try:
-            volume = np.load(path, mmap_mode="r")
-            os.utime(path)  # recency, for the eviction of whichever process writes next
-            return volume
+            return self._mapped(path)
         except OSError:  # not there yet (or the folder cannot be: found out below, when writing)
             pass
-        volume = decode()
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # renamed whole: no reader sees half
+        volume = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._make_room(volume.nbytes)
-            with open(partial, "wb") as handle:
-                np.save(handle, volume)
-            os.replace(partial, path)
+            # one decoder per volume: workers start together and ask for the same volumes; each writing
+            # its own file would leave each mapping its own copy (measured: 2 workers, 2 copies)
+            with open(self.folder / f".{path.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if path.exists():  # another worker decoded it while this one waited
+                    return self._mapped(path)
+                volume = decode()
+                self._make_room(volume.nbytes)
+                with open(partial, "wb") as handle:
+                    np.save(handle, volume)
+                os.replace(partial, path)
         except OSError as exc:
             try:
                 partial.unlink(missing_ok=True)
@@ -109,8 +115,14 @@ class VolumeCache:
                           f"run --shm-size, a Kubernetes emptyDir with medium: Memory) or lower "
                           f"data.volume_stream.volume_cache_mb.", stacklevel=3)
             self.folder = None
-            return volume
-        return np.load(path, mmap_mode="r")
+            return volume if volume is not None else decode()
+        return self._mapped(path)
+
+    @staticmethod
+    def _mapped(path: Path) -> np.ndarray:
+        volume = np.load(path, mmap_mode="r")
+        os.utime(path)  # recency, for the eviction of whichever process writes next
+        return volume
 
     def _make_room(self, incoming: int) -> None:
         """Remove the least recently used volumes until ``incoming`` bytes fit the budget. A volume another

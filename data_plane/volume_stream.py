@@ -11,6 +11,7 @@ Items are dicts with ``image`` (1, *spatial) float32, ``volume_id``, ``label``, 
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -147,8 +148,14 @@ class PatchStream(_VolumeStream):
 def _padded(block: np.ndarray, size: int, like: torch.Tensor | None = None) -> torch.Tensor:
     """A block padded with zeros to size³ (volumes smaller than the patch)."""
     out = torch.zeros((size,) * 3, dtype=torch.float32) if like is None else torch.zeros_like(like)
-    if block.ndim == 3:  # numpy copies (and converts) straight in: the block may be a read-only shared map
-        out.numpy()[: block.shape[0], : block.shape[1], : block.shape[2]] = block
+    block = np.asarray(block, np.float32)
+    if block.ndim == 3:
+        with warnings.catch_warnings():
+            # a crop of a shared read-only map: torch warns that it cannot write it; it only copies from
+            # it (numpy's own strided copy would be 2.5x slower for a 96³ patch)
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.as_tensor(block)
+        out[: block.shape[0], : block.shape[1], : block.shape[2]] = source
     return out
 
 

@@ -88,10 +88,18 @@ def test_volume_cache_serves_the_same_patches_and_keeps_to_its_budget(brain_stor
     assert not tiny.cache.whole.held and not tiny._shared.exists()  # too large: read from its chunks
 
 
-def test_dataloader_workers_share_one_decoded_copy_removed_with_the_stream(brain_store, shared_memory):
+def test_dataloader_workers_share_one_decoded_copy_removed_with_the_stream(brain_store, shared_memory, tmp_path,
+                                                                          monkeypatch):
     import gc
 
-    config = VolumeStreamConfig(patch_size=24, patches_per_volume=4)
+    saves = tmp_path / "saves.txt"  # every write of a decoded volume, from whichever (forked) worker
+    real_save = np.save
+    monkeypatch.setattr(np, "save", lambda file, array, *a, **k: (
+        open(saves, "a").write(f"{os.getpid()}\n"), real_save(file, array, *a, **k))[1])
+
+    # one volume: both workers start by asking for it at once (the race a lock must settle)
+    first = [str(PatchStream(brain_store, VolumeStreamConfig()).volumes.volume_id.iloc[0])]
+    config = VolumeStreamConfig(patch_size=24, patches_per_volume=8, ids=first)
     expected = {int(i["index"]): i["image"] for i in PatchStream(brain_store, config.model_copy(
         update={"volume_cache_mb": 0}))}
     stream = PatchStream(brain_store, config)
@@ -100,10 +108,12 @@ def test_dataloader_workers_share_one_decoded_copy_removed_with_the_stream(brain
     for batch in DataLoader(stream, batch_size=2, num_workers=2):
         seen.update({int(i): image for i, image in zip(batch["index"], batch["image"])})
         # mid-epoch, both workers have read: the folder holds each volume once, whole (no partial files)
-        assert all(p.suffix == ".npy" for p in folder.iterdir())
+        assert not any(p.name.endswith(".partial") for p in folder.iterdir())
     assert seen.keys() == expected.keys() and all(torch.equal(seen[k], expected[k]) for k in seen)
     files = sorted(p.name for p in folder.glob("*.npy"))
     assert files == sorted(f"{v}--image.npy" for v in stream.volumes.volume_id)
+    # one decoder per volume (a lock): had both workers written, one would map a copy of its own
+    assert len(saves.read_text().split()) == len(stream.volumes)
     del stream
     gc.collect()
     assert not folder.exists()  # the owner let go: the shared memory is freed
