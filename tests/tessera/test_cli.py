@@ -77,9 +77,12 @@ def test_demo_writes_a_run_directory(tmp_path, sample_data):
     assert all(0 <= stages["pgan_enc"][f"{t}_auroc"] <= 1 for t in ("combined", "residual", "latent_norm"))
     assert (run / "pgan_enc" / "eval-test" / "reconstructions.png").stat().st_size > 1000
     overlays = [p for p in (run / "mkd" / "eval-test" / "heatmaps").glob("*.png") if not p.name.endswith(".pixels.png")]
-    assert len(overlays) == 8  # every test slide of the benchmark: the normal mosaic and 7 anomaly groups
+    from data_plane.benchmarks import SLIDE_GROUPS
+
+    slides = 1 + len(SLIDE_GROUPS)  # every test slide of the benchmark: the normal mosaic and one per group
+    assert len(overlays) == slides
     exported = list((run / "mkd" / "eval-test" / "annotations").glob("*.geojson"))
-    assert len(exported) == 8 and all(json.loads(p.read_text())["features"] for p in exported)
+    assert len(exported) == slides and all(json.loads(p.read_text())["features"] for p in exported)
 
 
 def test_resume_with_a_corrupt_config_and_submit_of_a_bad_config_fail_in_one_message(tmp_path):

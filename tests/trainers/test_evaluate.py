@@ -494,6 +494,7 @@ def test_eval_out_keeps_other_evaluations_and_options_are_checked(trained, tmp_p
     assert bad.returncode != 0 and "widht" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # ~100 s: `make test-slow`; the demo covers StyleGAN2's training and synthesis in CI
 def test_stylegan2_and_its_encoder_are_evaluated_like_any_method(trained, tmp_path):
     """A small StyleGAN2 trained for a few steps with real DeepSpeed: `tessera eval` reports its FD/KD
     against the split's normal tiles beside real vs real; an encoder trained on it is evaluated with
