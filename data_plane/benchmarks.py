@@ -206,15 +206,20 @@ SLIDE_GROUPS = ("he_tissue", "ihc_tissue", "uniform_addition", "noise_addition",
 MARKER_INKS = {"blue": (70, 110, 230), "green": (80, 190, 110), "black": (90, 90, 100)}
 
 
+def _random_disc(size: int, rng: np.random.Generator, radius_range: tuple[float, float]):
+    """(cy, cx, radius, inside): a disc of radius ``radius_range`` x ``size`` wholly inside a size² tile."""
+    radius = rng.uniform(*radius_range) * size
+    cy, cx = rng.uniform(radius, size - radius, 2)
+    yy, xx = np.mgrid[:size, :size]
+    return cy, cx, radius, (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+
+
 def _artefact(tile: np.ndarray, group: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple]:
     """``tile`` with a disc of ``group`` (out_of_focus, marker_ink); returns (tile, (cy, cx, radius))."""
     from PIL import Image, ImageFilter
 
     size = tile.shape[0]
-    radius = rng.uniform(0.2, 0.35) * size
-    cy, cx = rng.uniform(radius, size - radius, 2)
-    yy, xx = np.mgrid[:size, :size]
-    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    cy, cx, radius, inside = _random_disc(size, rng, (0.2, 0.35))
     if group == "out_of_focus":
         altered = np.asarray(Image.fromarray(tile).filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 4.0) * size / 128)))
     else:  # marker ink: a translucent dye multiplies the light that passes
@@ -235,12 +240,9 @@ def _disc_polygon(cy: float, cx: float, radius: float, points: int = 48) -> list
 def _foreign_tissue(tile: np.ndarray, source: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple]:
     """Paste a disc of another real tissue image into ``tile``; returns (tile, (cy, cx, radius))."""
     size = tile.shape[0]
-    radius = rng.uniform(0.15, 0.3) * size
-    cy, cx = rng.uniform(radius, size - radius, 2)
+    cy, cx, radius, inside = _random_disc(size, rng, (0.15, 0.3))
     sy, sx = rng.integers(0, source.shape[0] - size), rng.integers(0, source.shape[1] - size)
     patch = source[sy:sy + size, sx:sx + size]
-    yy, xx = np.mgrid[:size, :size]
-    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
     out = tile.copy()
     out[inside] = patch[inside]
     return out, (cy, cx, radius)

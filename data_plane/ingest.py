@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from data_plane.config import DataConfig
-from data_plane.pyramid import release_freed_memory, write_level0, write_reduced
+from data_plane.heap import release_freed_memory
+from data_plane.pyramid import write_level0, write_reduced
 from data_plane.sources import (IngestError, Source, SourceError, read_manifest_csv, resolve_sources, sha256_of,
                                 source_for)
 from data_plane.store import BACKGROUND, Manifest, atomic_write_parquet, init_store, is_storage_error, own, \

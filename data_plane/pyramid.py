@@ -5,23 +5,16 @@ overhead) from a thread pool."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
+from data_plane.heap import release_freed_memory
 from data_plane.sources import IngestError
 
-# glibc keeps the chunk buffers the decode threads freed in their own arenas, mapped: without a trim
-# the peak RSS of `tessera ingest` crept from ~200 to ~290 MiB over a 40960² slide's level 0 (and to
-# 350 with the index at the end); trimming every TRIM_EVERY chunks holds it near 180 MiB for ~3 % more
-# CPU (bench/ingest.py). Not glibc (macOS, musl): nothing to trim, and nothing done.
-TRIM_EVERY = 64
-_LIBC = ctypes.util.find_library("c")
-_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
+TRIM_EVERY = 64  # chunks between heap trims (data_plane.heap.release_freed_memory)
 
 
 def _in_order(function, items, threads: int):
@@ -39,12 +32,6 @@ def _in_order(function, items, threads: int):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``), so RSS follows live memory."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _counted(progress: Callable[[int], None]) -> Callable[[int], None]:
