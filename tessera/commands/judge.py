@@ -80,15 +80,26 @@ def posthoc(run_dir: Path = typer.Argument(..., help="A finished training run di
                                                                    "others are judged as kinds never seen."),
             test_split: str = typer.Option("test", help="The split the pick and the default are judged on."),
             out: Optional[Path] = typer.Option(None, help="Output folder (default RUN_DIR/posthoc)."),
-            workers: int = typer.Option(0, min=0, help="DataLoader workers per evaluation.")) -> None:
+            workers: int = typer.Option(0, min=0, help="DataLoader workers per evaluation."),
+            unsupervised: list[str] = typer.Option([], "--unsupervised", help="KEY=VALUE: the setting a user "
+                                                   "without known anomalies would run (e.g. score_smoothing=0), "
+                                                   "judged beside the pick. Repeatable."),
+            anomaly_budget: Optional[str] = typer.Option(None, help="Comma-separated counts (e.g. 1,5,20,50): repeat "
+                                                         "the choice with only that many known anomalies "
+                                                         "(budget.json, budget.png)."),
+            draws: int = typer.Option(20, min=1, help="Random draws of the choosing anomalies per budget.")) -> None:
     """Choose scoring settings of a trained run by a few known anomalies, without retraining; judge the pick
-    against the default on the test split (paired intervals, overall and on held-out groups)."""
-    from trainers.posthoc import parse_space, posthoc_search
+    against the default (and an unsupervised setting) on the test split: paired intervals, overall and on
+    held-out groups."""
+    from trainers.posthoc import parse_setting, parse_space, posthoc_search
 
     try:
         space = parse_space(search)
+        budgets = [int(b) for b in anomaly_budget.split(",") if b.strip()] if anomaly_budget else None
         result = posthoc_search(run_dir, space, choose_split, [g for g in (choose_groups or "").split(",") if g] or None,
-                                test_split, out, workers, log=typer.echo)
+                                test_split, out, workers, log=typer.echo,
+                                unsupervised=parse_setting(unsupervised) if unsupervised else None,
+                                budgets=budgets, draws=draws)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"pick: {result['pick']} (chosen on {choose_split}, anomalies of {result['selection']['groups']})")
@@ -97,6 +108,10 @@ def posthoc(run_dir: Path = typer.Argument(..., help="A finished training run di
         held = " (held out of the choice)" if group in result["held_out_groups"] else ""
         typer.echo(f"  {test_split} {group}: pick {row['auroc_a']:.3f}, default {row['auroc_b']:.3f}, "
                    f"difference {row['difference']:+.3f} [{low:+.2f}, {high:+.2f}]{held}")
+    for group, row in result.get("pick_minus_unsupervised", {}).items():
+        low, high = row["difference_ci"]
+        typer.echo(f"  {test_split} {group}: pick {row['auroc_a']:.3f}, unsupervised {row['auroc_b']:.3f}, "
+                   f"difference {row['difference']:+.3f} [{low:+.2f}, {high:+.2f}]")
     typer.echo(f"apply it: {result['apply']}")
 
 

@@ -541,7 +541,8 @@ def test_posthoc_on_a_trained_run_judges_the_pick_on_held_out_groups(trained, tm
 
     run_dir, _, _ = trained
     result = posthoc_search(run_dir, {"image_pooling": ["mean", "top"], "pooling_top": [0.05]}, choose_split="test",
-                            choose_groups=["ihc_tissue"], out=tmp_path / "ph", log=lambda line: None)
+                            choose_groups=["ihc_tissue"], out=tmp_path / "ph", log=lambda line: None,
+                            unsupervised={"image_pooling": "mean"}, budgets=[1, 3], draws=3)
     saved = json.loads((tmp_path / "ph" / "posthoc.json").read_text())
     assert saved["pick"] == max(saved["trials"], key=lambda t: t["auroc"])["setting"]
     assert len(saved["trials"]) == 2 and saved["selection"]["normals_shared_with_test"]
@@ -553,3 +554,13 @@ def test_posthoc_on_a_trained_run_judges_the_pick_on_held_out_groups(trained, tm
     assert saved["apply"].startswith(f"tessera eval {run_dir} --option image_pooling=")
     assert result["test"]["default"]["overall"]["image_auroc"] == pytest.approx(
         json.loads((tmp_path / "ph" / "default-test" / "metrics.json").read_text())["overall"]["image_auroc"])
+    # the unsupervised setting is judged beside the pick; the budget curve re-chooses from the saved scores
+    assert saved["unsupervised"]["setting"] == {"image_pooling": "mean"} and "held-out kinds" in saved["pick_minus_unsupervised"]
+    budget = json.loads((tmp_path / "ph" / "budget.json").read_text())
+    assert [len(budget["curve"][b]["items"]) for b in ("1", "3")] == [3, 3]
+    assert all(i.startswith("test_ihc_tissue") or "ihc_tissue" in i for b in ("1", "3")
+               for items in budget["curve"][b]["items"] for i in items)
+    tests = [t["overall"] for t in budget["per_trial_test"]]
+    assert budget["hindsight_best"]["overall"] == max(tests)
+    assert min(tests) <= budget["curve"]["3"]["overall"]["mean"] <= max(tests)
+    assert (tmp_path / "ph" / "budget.png").stat().st_size > 1000

@@ -31,3 +31,35 @@ def test_the_known_best_setting_is_picked_on_a_constructed_case(tmp_path):
         assert set(used) == {i for i, label, g in rows if label == 0 or g == "kind_a"} and seen == ["kind_a"]
     assert trials[pick(trials)]["setting"] == "good_a" and trials[0]["auroc"] == 1.0
     assert pick([{"auroc": 0.7}, {"auroc": 0.7}]) == 0  # ties: the space's first (the default's place)
+
+
+def test_anomaly_budget_draws_only_choosing_anomalies_and_more_of_them_find_the_best(tmp_path):
+    """Trial 'good' ranks kind_a clearly above normals, 'weak' barely: with the whole pool every draw picks
+    'good'; a draw holds exactly its budget of kind_a anomalies (never kind_b), a budget as large as the
+    pool is one draw, and the draws are seeded."""
+    from trainers.posthoc import budget_picks
+
+    rng = np.random.default_rng(1)
+    rows = [(f"n{i}", 0, "normal") for i in range(40)] + [(f"{g}{i}", 1, g) for g in ("kind_a", "kind_b") for i in range(12)]
+    folders = [write_eval(tmp_path / name, [(i, label, g, float(label * shift * (g == "kind_a") + rng.normal()))
+                                             for i, label, g in rows])
+               for name, shift in (("weak", 0.3), ("good", 3.0))]
+    picks = budget_picks(folders, ["kind_a"], [1, 5, 12, 50], draws=8, seed=0)
+    pool = {f"kind_a{i}" for i in range(12)}
+    for budget, draws in picks.items():
+        assert len(draws) == (1 if budget >= 12 else 8)
+        for draw in draws:
+            assert set(draw["items"]) <= pool and len(draw["items"]) == min(budget, 12)
+    assert [d["trial"] for d in picks[12]] == [1] and [d["trial"] for d in picks[50]] == [1]
+    assert sum(d["trial"] == 1 for d in picks[5]) >= sum(d["trial"] == 1 for d in picks[1])
+    assert picks == budget_picks(folders, ["kind_a"], [1, 5, 12, 50], draws=8, seed=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        budget_picks(folders, ["kind_a"], [0])
+
+
+def test_a_setting_is_one_value_per_key():
+    from trainers.posthoc import parse_setting
+
+    assert parse_setting(["score_smoothing=0", "normal_baseline=null"]) == {"score_smoothing": 0, "normal_baseline": None}
+    with pytest.raises(ValueError, match="one value per key"):
+        parse_setting(["score_smoothing=0,2"])
