@@ -57,7 +57,8 @@ def contaminated(count: int, fraction: float, seed: int) -> list[int]:
 
 def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 2, seed: int = 0,
                          show_progress: bool = True, val_anomalous: int = 0, val_normal: int = 0,
-                         contaminate: float = 0.0, workers: int = 1, other_kinds: int = 0) -> Path:
+                         contaminate: float = 0.0, workers: int = 1, other_kinds: int = 0,
+                         test_normal: int = 0) -> Path:
     """Write the benchmark into ``out``; returns the manifest CSV. ``val_anomalous`` more subjects, with
     outliers, form a ``val`` split: the few known anomalies a weakly-supervised search chooses by;
     ``val_normal`` more normal subjects join it, so evaluation settings (a volume score's reduction,
@@ -73,6 +74,11 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     settings chosen on MOOD's kinds are judged on kinds nobody listed. They come after every other
     subject, so the rest of the benchmark is the same with or without them.
 
+    ``test_normal`` more normal test subjects come after those: the test split's normals are otherwise the
+    tenth of ``subjects`` that ``split_counts`` gives them (10 of 100), too few for paired intervals that
+    separate two settings. Appended last, they leave every other subject (and a model trained on them) as
+    it was.
+
     ``workers`` > 1 makes subjects in that many processes: each subject has its own seeds, so the files
     are the same as with one."""
     from nilearn import datasets
@@ -87,9 +93,10 @@ def make_brain_benchmark(out: str | Path, subjects: int = 20, resolution: int = 
     shared = {"t1": np.asarray(template.dataobj, np.float32), "brain": np.asarray(brain.dataobj, np.float32) > 0.5,
               "affine": template.affine, "out": out, "seed": seed, "subjects": subjects,
               "val_anomalous": val_anomalous, "counts": split_counts(subjects),
-              "other_from": subjects + val_anomalous + val_normal}
+              "other_from": subjects + val_anomalous + val_normal,
+              "test_normal_from": subjects + val_anomalous + val_normal + other_kinds}
     shared["dirty"] = contaminated(shared["counts"][0], contaminate, seed)
-    steps = range(subjects + val_anomalous + val_normal + other_kinds)
+    steps = range(subjects + val_anomalous + val_normal + other_kinds + test_normal)
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -142,7 +149,9 @@ def _make_subject(i: int) -> tuple[dict, tuple | None]:
     name = f"subject_{i:03d}"
     split, label, group = "train", "normal", ""
     mask, example = None, None
-    if i >= shared["other_from"]:  # a test subject with a kind of outlier nothing chooses by
+    if i >= shared["test_normal_from"]:  # an extra normal test subject (an empty mask, as the others)
+        split, mask = "test", torch.zeros_like(foreground)
+    elif i >= shared["other_from"]:  # a test subject with a kind of outlier nothing chooses by
         split, label = "test", "anomalous"
         group = OTHER_KINDS[(i - shared["other_from"]) % len(OTHER_KINDS)]
         image, mask = mood_outlier(image, group, np.random.default_rng((seed, i)), foreground=foreground,

@@ -127,14 +127,18 @@ def make_benchmark_brain(out: Path = typer.Option(..., help="Output folder (NIfT
                                                                      "as with 1)."),
                          other_kinds: int = typer.Option(0, min=0, help="Extra test subjects with outlier kinds "
                                                          "beyond MOOD's (lesion, cavity, local_blur, intensity_scale "
-                                                         "in turn), never used to choose: held-out kinds.")) -> None:
+                                                         "in turn), never used to choose: held-out kinds."),
+                         test_normal: int = typer.Option(0, min=0, help="Extra normal test subjects (after all "
+                                                         "others: the rest stay the same), for tighter intervals.")
+                         ) -> None:
     """Brain MRI subjects from the MNI152 template, with MOOD's five outlier kinds in the test split."""
     from data_plane.benchmarks import make_brain_benchmark, split_counts
 
     manifest = make_brain_benchmark(out, subjects, resolution, seed, val_anomalous=val_anomalous, val_normal=val_normal,
-                                    contaminate=contaminate, workers=workers, other_kinds=other_kinds)
+                                    contaminate=contaminate, workers=workers, other_kinds=other_kinds,
+                                    test_normal=test_normal)
     train, normal, anomalous = split_counts(subjects)
-    typer.echo(f"{subjects} subjects ({train} train normal, {normal} test normal, {anomalous} test anomalous"
+    typer.echo(f"{subjects} subjects ({train} train normal, {normal + test_normal} test normal, {anomalous} test anomalous"
                f"{f', {other_kinds} test anomalous of other kinds' if other_kinds else ''}"
                f"{f', {val_anomalous} val anomalous' if val_anomalous else ''}"
                f"{f', {val_normal} val normal' if val_normal else ''}) "

@@ -13,10 +13,10 @@ def test_val_subjects_and_other_kinds_leave_train_and_test_unchanged(tmp_path):
 
     plain = make_brain_benchmark(tmp_path / "plain", subjects=6, resolution=2, seed=2, show_progress=False)
     extended = make_brain_benchmark(tmp_path / "val", subjects=6, resolution=2, seed=2, show_progress=False,
-                                    val_anomalous=2, val_normal=2, other_kinds=2)
+                                    val_anomalous=2, val_normal=2, other_kinds=2, test_normal=1)
     before, after = list(csv.DictReader(open(plain))), list(csv.DictReader(open(extended)))
     assert after[:6] == before
-    other = after[10:]  # test subjects with kinds beyond MOOD's, after everything else
+    other = after[10:12]  # test subjects with kinds beyond MOOD's, after everything else
     assert [(r["split"], r["label"], r["group"]) for r in other] == [("test", "anomalous", "lesion"),
                                                                      ("test", "anomalous", "cavity")]
     for row in other:
@@ -27,7 +27,9 @@ def test_val_subjects_and_other_kinds_leave_train_and_test_unchanged(tmp_path):
     for row in before:
         first = np.asarray(nibabel.load(plain.parent / row["path"]).dataobj)
         assert np.array_equal(first, np.asarray(nibabel.load(extended.parent / row["path"]).dataobj))
-    for row in val[2:]:  # val normals carry an empty mask, as test normals do
+    extra = after[12:]  # the extra test normal comes last
+    assert [(r["split"], r["label"], r["group"]) for r in extra] == [("test", "normal", "")]
+    for row in val[2:] + extra:  # val normals and extra test normals carry an empty mask, as test normals do
         assert not np.asarray(nibabel.load(extended.parent / row["mask"]).dataobj).any()
 
 
