@@ -203,7 +203,7 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
 @torch.no_grad()
 def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
                      show_progress: bool, env=None, device: torch.device | None = None, options: dict | None = None,
-                     out: Path | None = None, map_cache: Path | None = None) -> dict | None:
+                     out: Path | None = None, map_cache: Path | None = None, figures: bool = True) -> dict | None:
     """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
     (with several ranks: each its share of the volumes, gathered on the main rank). ``map_cache``: a
     folder keeping the raw voxel maps between evaluations of the same weights (see map_cache_folder)."""
@@ -244,7 +244,8 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
                 check_baseline_shape(volume_id, scores[volume_id].shape, baseline.shape,
                                       stream_config.normal_baseline)
             sample = reduce(scores[volume_id] - baseline if baseline is not None else scores[volume_id])
-            write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
+            if figures:  # MOOD's outputs and the store's score volume (see evaluate's figures)
+                write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
             if target < 0:
                 continue
             mask = volume_array(root, volume_id, "mask")[:] if row.has_mask else None
@@ -254,7 +255,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
                 extras.setdefault(f"term/{name}", AnomalyMetrics()).add(
                     pooled_slice_term(values, config.data.volume_stream.min_foreground), target, row.group,
                     case_id=volume_id)
-            if target == 1:
+            if target == 1 and figures:
                 names.append(_volume_figure(root, volume_id, scores[volume_id], mask, out / "heatmaps"))
     parts = _gather(env, (metrics, names, extras))
     settings = {"score_smoothing": stream_config.score_smoothing, "normal_baseline": stream_config.normal_baseline}

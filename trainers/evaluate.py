@@ -65,7 +65,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
              device: torch.device | None = None, score_smoothing: float | None = None,
              normal_baseline: str | None = None, options: dict | None = None,
              out: str | Path | None = None, slide_top_fraction: float = 0.05,
-             map_cache: str | Path | None = None) -> dict | None:
+             map_cache: str | Path | None = None, figures: bool = True) -> dict | None:
     """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs into
     ``out`` (default ``RUN_DIR/eval-SPLIT``). ``options``: method options for scoring (load_method).
 
@@ -77,6 +77,9 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     ``data.volume_stream`` settings of those names; ``normal_baseline="none"`` turns it off.
     ``map_cache`` (volume runs): a folder where raw voxel maps are kept and reused by later evaluations
     of the same weights, options and store (`tessera posthoc` trials).
+    ``figures=False`` writes the scores and metrics only: no heatmaps, overlays or reconstructions, and
+    nothing into the store (a posthoc trial is judged by its scores; its figures would cost more than
+    re-pooling a cached map and would overwrite the run's own heatmaps in the store).
 
     With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
     heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
@@ -103,7 +106,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
         if normal_baseline is not None:
             config.data.volume_stream.normal_baseline = None if normal_baseline == "none" else normal_baseline
         return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device,
-                                options, out, Path(map_cache) if map_cache is not None else None)
+                                options, out, Path(map_cache) if map_cache is not None else None, figures)
     method, _ = load_method(run_dir, options)
     method.to(device)
     test_crop = config.data.stream.eval_crop
@@ -164,6 +167,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             if label is not None:
                 extras.setdefault("slides", AnomalyMetrics()).add(
                     slide_score(np.array([e[1] for e in entries]), slide_top_fraction), label, group, case_id=slide)
+            if not figures:
+                continue
             rows = stream.tiles.iloc[[e[2] for e in entries]]
             footprint = float((rows["size"] * 2 ** rows["level"].astype(int)).iloc[0])
             write_heatmap(store, slide, heatmap, np.stack([e[0] for e in entries]), footprint,
@@ -179,7 +184,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
                 render_overlay(store, slide, out / "heatmaps" / f"{slide}.pixels.png", heatmap=f"{heatmap}-pixels",
                                title=f"{slide}: {method.method_name} pixel maps")
                 names.append(f"{slide}.pixels.png")
-    if (shown[0] or shown[1]) and (env is None or env.is_main):  # from the main rank's share
+    if figures and (shown[0] or shown[1]) and (env is None or env.is_main):  # from the main rank's share
         _write_reconstructions(method, shown, device, out)
     generator = _generator_metrics(method, embedder, normal_features, env, device) if embedder is not None else None
     parts = _gather(env, (metrics, names, extras))

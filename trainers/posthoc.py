@@ -131,19 +131,20 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
     out = Path(out) if out is not None else run_dir / "posthoc"
     out.mkdir(parents=True, exist_ok=True)
 
-    def run_eval(split: str, setting: dict, folder: Path) -> dict:
+    def run_eval(split: str, setting: dict, folder: Path, figures: bool = True) -> dict:
         settings = {k: v for k, v in setting.items() if k in EVAL_SETTINGS}
         options = {k: v for k, v in setting.items() if k not in EVAL_SETTINGS}
         if "normal_baseline" in settings and settings["normal_baseline"] is None:
             settings["normal_baseline"] = "none"
         return evaluate(run_dir, split=split, options=options or None, out=folder, show_progress=False,
-                        workers=workers, batch_size=batch_size, map_cache=out / "map-cache", **settings)
+                        workers=workers, batch_size=batch_size, map_cache=out / "map-cache", figures=figures,
+                        **settings)
 
     trials = []
     for i, values in enumerate(itertools.product(*space.values())):
         setting = dict(zip(space, values))
         folder = out / f"trial{i:03d}-{choose_split}"
-        run_eval(choose_split, setting, folder)
+        run_eval(choose_split, setting, folder, figures=False)
         auroc, used, seen = selection_auroc(folder, choose_groups)
         trials.append({"setting": setting, "auroc": auroc, "folder": str(folder)})
         log(f"trial {i}: {setting} -> {choose_split} AUROC {auroc:.3f}")
@@ -191,7 +192,7 @@ def _budget_curve(trials, budgets, draws, seed, choose_groups, held_out, test_sp
     for i, trial in enumerate(trials):
         folder = out / f"trial{i:03d}-{test_split}"
         if not (folder / "scores.csv").is_file():
-            run_eval(test_split, trial["setting"], folder)
+            run_eval(test_split, trial["setting"], folder, figures=False)
         tests.append(folder)
 
     def judged(folder: Path) -> dict:

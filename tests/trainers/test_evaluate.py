@@ -423,8 +423,11 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
                           normal_baseline="train", map_cache=tmp_path / "maps", out=tmp_path / "eval-cached")
         first = len(calls)
         repooled = evaluate(run_dir, split="test", workers=0, show_progress=False, score_smoothing=0.0,
-                            normal_baseline="none", map_cache=tmp_path / "maps", out=tmp_path / "eval-cached0")
+                            normal_baseline="none", map_cache=tmp_path / "maps", out=tmp_path / "eval-cached0",
+                            figures=False)
     assert first > 0 and len(calls) == first
+    assert not (tmp_path / "eval-cached0" / "mood").exists()
+    assert not list((tmp_path / "eval-cached0" / "heatmaps").iterdir()) and list((tmp_path / "eval-cached" / "heatmaps").iterdir())
     assert cached["overall"] == pytest.approx(based["overall"], rel=1e-5, nan_ok=True)
     assert repooled["overall"] == pytest.approx(result["overall"], rel=1e-5, nan_ok=True)
     (maps,) = (tmp_path / "maps").iterdir()
@@ -564,3 +567,6 @@ def test_posthoc_on_a_trained_run_judges_the_pick_on_held_out_groups(trained, tm
     assert budget["hindsight_best"]["overall"] == max(tests)
     assert min(tests) <= budget["curve"]["3"]["overall"]["mean"] <= max(tests)
     assert (tmp_path / "ph" / "budget.png").stat().st_size > 1000
+    # trials are judged by their scores: no heatmaps (the pick's evaluation has its own)
+    assert not list((tmp_path / "ph" / "trial000-test" / "heatmaps").glob("*.png"))
+    assert list((tmp_path / "ph" / "pick-test" / "heatmaps").glob("*.png"))
