@@ -203,7 +203,8 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
 @torch.no_grad()
 def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
                      show_progress: bool, env=None, device: torch.device | None = None, options: dict | None = None,
-                     out: Path | None = None, map_cache: Path | None = None, figures: bool = True) -> dict | None:
+                     out: Path | None = None, map_cache: Path | None = None, figures: bool = True,
+                     pixel_metrics: bool = True) -> dict | None:
     """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
     (with several ranks: each its share of the volumes, gathered on the main rank). ``map_cache``: a
     folder keeping the raw voxel maps between evaluations of the same weights (see map_cache_folder)."""
@@ -248,7 +249,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
                 write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
             if target < 0:
                 continue
-            mask = volume_array(root, volume_id, "mask")[:] if row.has_mask else None
+            mask = volume_array(root, volume_id, "mask")[:] if row.has_mask and pixel_metrics else None
             metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask,
                         case_id=volume_id)
             for name, values in slice_terms.get(volume_id, {}).items():

@@ -132,12 +132,15 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
     out.mkdir(parents=True, exist_ok=True)
 
     def run_eval(split: str, setting: dict, folder: Path, figures: bool = True) -> dict:
+        """One evaluation; a trial's (figures False) writes image scores and metrics only: it is chosen and
+        judged by image AUROC, and pixel metrics would cost more than re-pooling its cached maps."""
         settings = {k: v for k, v in setting.items() if k in EVAL_SETTINGS}
         options = {k: v for k, v in setting.items() if k not in EVAL_SETTINGS}
         if "normal_baseline" in settings and settings["normal_baseline"] is None:
             settings["normal_baseline"] = "none"
         return evaluate(run_dir, split=split, options=options or None, out=folder, show_progress=False,
                         workers=workers, batch_size=batch_size, map_cache=out / "map-cache", figures=figures,
+                        pixel_metrics=figures,
                         **settings)
 
     trials = []
