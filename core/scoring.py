@@ -13,6 +13,15 @@ def volume_score(voxel_scores: np.ndarray, top_fraction: float = 0.001) -> float
     return float(flat[: max(10, int(top_fraction * flat.size))].mean())
 
 
+def share_of_top_inside(voxel_scores: np.ndarray, mask: np.ndarray, top_fraction: float = 0.001) -> float:
+    """The share of a volume's highest voxel scores (the top ``top_fraction``, at least 10) that lie inside
+    ``mask``: 1 when the map's peak is the anomaly, about the mask's volume share when it is elsewhere."""
+    flat = np.asarray(voxel_scores, np.float32).ravel()
+    k = min(flat.size, max(10, int(round(top_fraction * flat.size))))
+    top = np.argpartition(flat, flat.size - k)[flat.size - k:]
+    return float(np.asarray(mask).ravel()[top].astype(bool).mean())
+
+
 def pooled_slice_term(values: list[tuple[float, float]], min_foreground: float, top_fraction: float = 0.1) -> float:
     """A volume's value of a per-slice score term: the mean of the highest tenth over the slices with as
     much foreground as training used (empty slices, never trained on, would otherwise dominate)."""

@@ -11,11 +11,14 @@ import numpy as np
 import torch
 
 from core.metrics import AnomalyMetrics
-from core.scoring import pooled_slice_term, smooth_scores
+from core.scoring import pooled_slice_term, share_of_top_inside, smooth_scores
 from data_plane.stream import on_device
 from trainers.evaluate import _gather, _scored, _share, _with_normals
 from trainers.export import load_method
 from trainers.report import _write_outputs
+
+
+FOUND_SHARE = 0.5  # a map "finds" an anomaly when at least half of its top 0.1 % of voxels lie inside the mask
 
 
 def _unsquare(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -244,7 +247,8 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             if baseline is not None:
                 check_baseline_shape(volume_id, scores[volume_id].shape, baseline.shape,
                                       stream_config.normal_baseline)
-            sample = reduce(scores[volume_id] - baseline if baseline is not None else scores[volume_id])
+            pooled = scores[volume_id] - baseline if baseline is not None else scores[volume_id]
+            sample = reduce(pooled)
             if figures:  # MOOD's outputs and the store's score volume (see evaluate's figures)
                 write_volume_scores(store, volume_id, run_dir.name, scores[volume_id], sample, out_dir=out / "mood")
             if target < 0:
@@ -252,6 +256,10 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
             mask = volume_array(root, volume_id, "mask")[:] if row.has_mask and pixel_metrics else None
             metrics.add(sample, target, row.group, scores[volume_id] if mask is not None else None, mask,
                         case_id=volume_id)
+            # The anomalies the voxel map finds (most of its peak inside the mask) against every normal: a
+            # sample score that pools the map well never ranks those low (metrics.json: found_by_map).
+            if target == 0 or (mask is not None and share_of_top_inside(pooled, mask) >= FOUND_SHARE):
+                extras.setdefault("found", AnomalyMetrics()).add(sample, target, row.group, case_id=volume_id)
             for name, values in slice_terms.get(volume_id, {}).items():
                 extras.setdefault(f"term/{name}", AnomalyMetrics()).add(
                     pooled_slice_term(values, config.data.volume_stream.min_foreground), target, row.group,

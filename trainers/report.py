@@ -130,6 +130,10 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
     terms = {name.split("/", 1)[1]: m.compute() for name, m in sorted(extras.items()) if name.startswith("term/")}
     if terms:
         result["score_terms"] = terms
+    found = extras["found"].compute() if "found" in extras else None
+    if found and found["overall"]["n_anomalous"]:
+        # volume runs: the anomalies whose voxel map finds them (eval_volumes.FOUND_SHARE) against the normals
+        result["found_by_map"] = found
     if "slides" in extras:  # a tile run's slides, each scored from its tiles
         result["slides"] = extras["slides"].compute()
         _write_scores(out / "slide_scores.csv", extras["slides"])

@@ -328,6 +328,15 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
         assert float((mood / "sample" / f"{case}.txt").read_text()) > 0
     assert (run_dir / "eval-test" / "index.html").is_file()
     assert result["settings"] == {"score_smoothing": 0.0, "normal_baseline": None}
+    # found_by_map: the anomalies whose map peaks inside their mask, against every normal
+    from core.scoring import share_of_top_inside
+
+    found = result.get("found_by_map", {"overall": {"n_normal": 1, "n_anomalous": 0}})["overall"]
+    assert found["n_normal"] == 1 and found["n_anomalous"] <= 3
+    peak = np.zeros((4, 10, 10), np.float32)
+    peak[1, 2:6, 2:6] = 1.0  # 16 voxels: the 10 highest all lie inside the mask; negated, none does
+    mask = peak > 0
+    assert share_of_top_inside(peak, mask) == 1.0 and share_of_top_inside(-peak, mask) == 0.0
 
     # `tessera score` of volumes never ingested, a NIfTI file and a DICOM series: re-ingested and scored as
     # evaluation scores them (the same sample score for the same file), with MOOD outputs in the input's grid.
