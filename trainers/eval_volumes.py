@@ -13,7 +13,7 @@ import torch
 from core.metrics import AnomalyMetrics
 from core.scoring import pooled_slice_term, share_of_top_inside, smooth_scores
 from data_plane.stream import on_device
-from trainers.evaluate import _gather, _scored, _share, _with_normals
+from trainers.evaluate import _gather, _scored, _share, _with_normals, new_metrics
 from trainers.export import load_method
 from trainers.report import _write_outputs
 
@@ -207,7 +207,7 @@ def normal_baseline(run_dir: Path, method, stream_config, store, batch_size: int
 def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_size: int, workers: int,
                      show_progress: bool, env=None, device: torch.device | None = None, options: dict | None = None,
                      out: Path | None = None, map_cache: Path | None = None, figures: bool = True,
-                     pixel_metrics: bool = True) -> dict | None:
+                     pixel_metrics: bool = True, pixel_bins: int | None = None) -> dict | None:
     """Score volumes slice by slice, reassemble voxel score volumes, write MOOD outputs and metrics
     (with several ranks: each its share of the volumes, gathered on the main rank). ``map_cache``: a
     folder keeping the raw voxel maps between evaluations of the same weights (see map_cache_folder)."""
@@ -233,7 +233,7 @@ def evaluate_volumes(run_dir: Path, config, store, split: str, groups, batch_siz
     if stream_config.normal_baseline:
         baseline = normal_baseline(run_dir, method, stream_config, store, batch_size, workers, show, device, env,
                                    run_store=config.data.store, map_cache=map_cache)
-    metrics, extras, slice_terms = AnomalyMetrics(), {}, {}
+    metrics, extras, slice_terms = new_metrics(pixel_bins), {}, {}
     names = []
     if mine:
         cache = map_cache_folder(map_cache, run_dir, method, store, stream_config) if map_cache is not None else None

@@ -60,12 +60,19 @@ def _with_normals(groups: list[str] | None) -> list[str] | None:
 
 
 @torch.no_grad()  # methods that need gradients to score (MKD's maps, projectors) enable them themselves
+def new_metrics(pixel_bins: int | None = None) -> AnomalyMetrics:
+    """An evaluation's accumulator: exact, with intervals; with ``pixel_bins``, binned pixel scores and no
+    intervals (evaluate's quick form)."""
+    return AnomalyMetrics(bins=pixel_bins, resamples=0) if pixel_bins else AnomalyMetrics()
+
+
 def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test", groups: list[str] | None = None,
              batch_size: int = 32, workers: int = 2, show_progress: bool = True, env=None,
              device: torch.device | None = None, score_smoothing: float | None = None,
              normal_baseline: str | None = None, options: dict | None = None,
              out: str | Path | None = None, slide_top_fraction: float = 0.05,
-             map_cache: str | Path | None = None, figures: bool = True, pixel_metrics: bool = True) -> dict | None:
+             map_cache: str | Path | None = None, figures: bool = True, pixel_metrics: bool = True,
+             pixel_bins: int | None = None) -> dict | None:
     """Score every tile of ``split`` (uncertain tiles excluded) and write the evaluation outputs into
     ``out`` (default ``RUN_DIR/eval-SPLIT``). ``options``: method options for scoring (load_method).
 
@@ -81,7 +88,8 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     nothing into the store (a posthoc trial is judged by its scores; its figures would cost more than
     re-pooling a cached map and would overwrite the run's own heatmaps in the store).
     ``pixel_metrics=False``: image metrics only (pooling the voxels of a split into exact pixel AUROC/AP
-    costs ~0.6 s a 2 mm brain, ten times the re-pooling of its cached map).
+    costs ~0.6 s a 2 mm brain, ten times the re-pooling of its cached map). ``pixel_bins``: pixel scores
+    rounded to that many levels and no bootstrap intervals, a quick pixel AP for a posthoc trial.
 
     With ``env`` (a DistEnv of several ranks) each rank scores its share of the slides and writes their
     heatmaps; the main rank gathers the metrics, writes the outputs and returns them (others: None).
@@ -109,7 +117,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
             config.data.volume_stream.normal_baseline = None if normal_baseline == "none" else normal_baseline
         return evaluate_volumes(run_dir, config, store, split, groups, batch_size, workers, show_progress, env, device,
                                 options, out, Path(map_cache) if map_cache is not None else None, figures,
-                                pixel_metrics)
+                                pixel_metrics, pixel_bins)
     method, _ = load_method(run_dir, options)
     method.to(device)
     test_crop = config.data.stream.eval_crop
@@ -125,7 +133,7 @@ def evaluate(run_dir: str | Path, store: str | None = None, split: str = "test",
     out = Path(out) if out is not None else run_dir / f"eval-{split}"
     heatmap = run_dir.name if out == run_dir / f"eval-{split}" else f"{run_dir.name}.{out.name}"
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    metrics, extras = AnomalyMetrics(), {}
+    metrics, extras = new_metrics(pixel_bins), {}
     names = []
     scoring, scored = 0.0, 0
     shown: dict[int, list] = {0: [], 1: []}  # the first normal and anomalous tiles, for reconstructions.png

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 HELD_OUT = "held-out kinds"  # the pooled row of pick_minus_default
-EVAL_SETTINGS = ("score_smoothing", "normal_baseline")  # evaluate()'s own arguments; the rest are method options
+EVAL_SETTINGS = ("score_smoothing", "normal_baseline")
+PIXEL_BINS = 1024  # a trial's pixel AP: scores rounded to this many levels (exact tables cost ~0.6 s a brain)  # evaluate()'s own arguments; the rest are method options
 
 
 def parse_space(items: list[str]) -> dict[str, list]:
@@ -88,14 +89,33 @@ def budget_picks(folders: list[Path], groups: list[str] | None, budgets: list[in
         sets = [pool] if budget >= len(pool) else [sorted(rng.choice(pool, budget, replace=False).tolist())
                                                      for _ in range(draws)]
         result[budget] = [{"items": chosen,
-                           "trial": pick([{"auroc": _auroc(table, normals + chosen)} for table in tables])}
+                           "trial": pick([{"score": _auroc(table, normals + chosen)} for table in tables])}
                           for chosen in sets]
     return result
 
 
+OBJECTIVES = ("image_auroc", "pixel_ap", "mean")
+
+
+def selection_pixel_ap(folder: Path, groups: list[str] | None) -> float:
+    """Pixel AP of an evaluation, pooled over all its anomalies (``groups`` None) or the mean of the
+    per-group figures of ``groups``."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if groups is None:
+        value = metrics["overall"].get("pixel_ap")
+    else:
+        values = [metrics["groups"][g].get("pixel_ap") for g in groups if g in metrics["groups"]]
+        value = float(np.mean(values)) if values and None not in values else None
+    if value is None or not np.isfinite(value):
+        raise ValueError(f"'{folder}' has no pixel AP to choose by (no masks, or a method without pixel maps): "
+                         "choose by image_auroc")
+    return float(value)
+
+
 def pick(trials: list[dict]) -> int:
-    """The trial with the highest selection AUROC; ties go to the earlier (the space's first values)."""
-    return max(range(len(trials)), key=lambda i: (trials[i]["auroc"], -i))
+    """The trial with the highest ``score`` (the objective on the choosing items); ties go to the earlier
+    (the space's first values)."""
+    return max(range(len(trials)), key=lambda i: (trials[i]["score"], -i))
 
 
 def _apply(setting: dict) -> list[str]:
@@ -123,15 +143,21 @@ def parse_setting(items: list[str]) -> dict:
 def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: str = "val",
                    choose_groups: list[str] | None = None, test_split: str = "test", out: str | Path | None = None,
                    workers: int = 0, batch_size: int = 32, log=print, unsupervised: dict | None = None,
-                   budgets: list[int] | None = None, draws: int = 20, seed: int = 0) -> dict:
+                   budgets: list[int] | None = None, draws: int = 20, seed: int = 0,
+                   objective: str = "image_auroc") -> dict:
     from trainers.compare import compare_evals
     from trainers.evaluate import evaluate
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not '{objective}'")
+    if budgets and objective != "image_auroc":
+        raise ValueError("the anomaly budget curve re-chooses from the trials' per-item image scores: use it with "
+                         "objective image_auroc")
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "posthoc"
     out.mkdir(parents=True, exist_ok=True)
 
-    def run_eval(split: str, setting: dict, folder: Path, figures: bool = True) -> dict:
+    def run_eval(split: str, setting: dict, folder: Path, figures: bool = True, pixel_bins: int | None = None) -> dict:
         """One evaluation; a trial's (figures False) writes image scores and metrics only: it is chosen and
         judged by image AUROC, and pixel metrics would cost more than re-pooling its cached maps."""
         settings = {k: v for k, v in setting.items() if k in EVAL_SETTINGS}
@@ -140,17 +166,24 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
             settings["normal_baseline"] = "none"
         return evaluate(run_dir, split=split, options=options or None, out=folder, show_progress=False,
                         workers=workers, batch_size=batch_size, map_cache=out / "map-cache", figures=figures,
-                        pixel_metrics=figures,
+                        pixel_metrics=figures or pixel_bins is not None, pixel_bins=pixel_bins,
                         **settings)
 
     trials = []
     for i, values in enumerate(itertools.product(*space.values())):
         setting = dict(zip(space, values))
         folder = out / f"trial{i:03d}-{choose_split}"
-        run_eval(choose_split, setting, folder, figures=False)
-        auroc, used, seen = selection_auroc(folder, choose_groups)
-        trials.append({"setting": setting, "auroc": auroc, "folder": str(folder)})
-        log(f"trial {i}: {setting} -> {choose_split} AUROC {auroc:.3f}")
+        run_eval(choose_split, setting, folder, figures=False,
+                 pixel_bins=PIXEL_BINS if objective != "image_auroc" else None)
+        image_auroc, used, seen = selection_auroc(folder, choose_groups)
+        trial = {"setting": setting, "image_auroc": image_auroc, "folder": str(folder)}
+        if objective != "image_auroc":
+            trial["pixel_ap"] = selection_pixel_ap(folder, choose_groups)
+        trial["score"] = {"image_auroc": image_auroc, "pixel_ap": trial.get("pixel_ap"),
+                          "mean": (image_auroc + trial.get("pixel_ap", 0.0)) / 2}[objective]  # what picks
+        trials.append(trial)
+        log(f"trial {i}: {setting} -> {choose_split} AUROC {image_auroc:.3f}"
+            + (f", pixel AP {trial['pixel_ap']:.3f}" if "pixel_ap" in trial else ""))
     best = trials[pick(trials)]
     chosen = out / f"pick-{test_split}"
     default = out / f"default-{test_split}"
@@ -162,7 +195,7 @@ def posthoc_search(run_dir: str | Path, space: dict[str, list], choose_split: st
     pooled = {HELD_OUT: held_out} if len(held_out) > 1 else None
     comparison = compare_evals(chosen, default, split=test_split, out=out / "compare", pooled=pooled)
     result = {
-        "run": str(run_dir), "space": space, "trials": trials, "pick": best["setting"],
+        "run": str(run_dir), "space": space, "objective": objective, "trials": trials, "pick": best["setting"],
         "selection": {"split": choose_split, "groups": seen, "items": used,
                       "normals_shared_with_test": choose_split == test_split},
         # kinds the choice never saw: with a val split of a few kinds, every other test kind

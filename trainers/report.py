@@ -117,7 +117,9 @@ def _write_outputs(out: Path, run_dir: Path, parts: list, settings: dict | None 
                    extra: dict | None = None) -> dict:
     """Merge the ranks' shares and write metrics.json (with the eval ``settings`` that shaped the
     scores, and ``extra`` results such as a generator's FD/KD), the curves and index.html."""
-    metrics, names, extras = AnomalyMetrics(), [], {}
+    first = parts[0][0]  # the ranks' accumulators share their settings (evaluate's quick form: no intervals)
+    metrics = AnomalyMetrics(bins=first.bins, resamples=first.resamples, level=first.level, pixel_bins=first.pixel_bins)
+    names, extras = [], {}
     for part_metrics, part_names, part_extras in parts:
         metrics.merge(part_metrics)
         names += part_names

@@ -87,7 +87,10 @@ def posthoc(run_dir: Path = typer.Argument(..., help="A finished training run di
             anomaly_budget: Optional[str] = typer.Option(None, help="Comma-separated counts (e.g. 1,5,20,50): repeat "
                                                          "the choice with only that many known anomalies "
                                                          "(budget.json, budget.png)."),
-            draws: int = typer.Option(20, min=1, help="Random draws of the choosing anomalies per budget.")) -> None:
+            draws: int = typer.Option(20, min=1, help="Random draws of the choosing anomalies per budget."),
+            objective: str = typer.Option("image_auroc", help="What chooses: image_auroc (of the choosing items), "
+                                          "pixel_ap (their maps against their masks), or mean (of the two).")
+            ) -> None:
     """Choose scoring settings of a trained run by a few known anomalies, without retraining; judge the pick
     against the default (and an unsupervised setting) on the test split: paired intervals, overall and on
     held-out groups."""
@@ -99,7 +102,7 @@ def posthoc(run_dir: Path = typer.Argument(..., help="A finished training run di
         result = posthoc_search(run_dir, space, choose_split, [g for g in (choose_groups or "").split(",") if g] or None,
                                 test_split, out, workers, log=typer.echo,
                                 unsupervised=parse_setting(unsupervised) if unsupervised else None,
-                                budgets=budgets, draws=draws)
+                                budgets=budgets, draws=draws, objective=objective)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"pick: {result['pick']} (chosen on {choose_split}, anomalies of {result['selection']['groups']})")

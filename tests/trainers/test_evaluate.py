@@ -337,6 +337,10 @@ def test_volume_run_is_evaluated_slice_by_slice_with_mood_outputs(tmp_path, monk
     peak[1, 2:6, 2:6] = 1.0  # 16 voxels: the 10 highest all lie inside the mask; negated, none does
     mask = peak > 0
     assert share_of_top_inside(peak, mask) == 1.0 and share_of_top_inside(-peak, mask) == 0.0
+    # a posthoc trial's quick pixel AP (binned scores, no intervals) stays near the exact one
+    quick = evaluate(run_dir, split="test", workers=0, show_progress=False, figures=False, pixel_bins=1024,
+                     out=tmp_path / "eval-quick")["overall"]
+    assert quick["pixel_ap"] == pytest.approx(overall["pixel_ap"], abs=0.02) and "image_auroc_low" not in quick
 
     # `tessera score` of volumes never ingested, a NIfTI file and a DICOM series: re-ingested and scored as
     # evaluation scores them (the same sample score for the same file), with MOOD outputs in the input's grid.
@@ -556,7 +560,7 @@ def test_posthoc_on_a_trained_run_judges_the_pick_on_held_out_groups(trained, tm
                             choose_groups=["ihc_tissue"], out=tmp_path / "ph", log=lambda line: None,
                             unsupervised={"image_pooling": "mean"}, budgets=[1, 3], draws=3)
     saved = json.loads((tmp_path / "ph" / "posthoc.json").read_text())
-    assert saved["pick"] == max(saved["trials"], key=lambda t: t["auroc"])["setting"]
+    assert saved["pick"] == max(saved["trials"], key=lambda t: t["score"])["setting"]
     assert len(saved["trials"]) == 2 and saved["selection"]["normals_shared_with_test"]
     assert all("ihc_tissue" in i or i.startswith("test_normal") for i in saved["selection"]["items"])
     assert "ihc_tissue" not in saved["held_out_groups"] and "he_tissue" in saved["held_out_groups"]

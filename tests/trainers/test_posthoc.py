@@ -27,10 +27,10 @@ def test_the_known_best_setting_is_picked_on_a_constructed_case(tmp_path):
     for name, scorer in scorers.items():
         folder = write_eval(tmp_path / name, [(i, label, g, float(scorer(label, g))) for i, label, g in rows])
         auroc, used, seen = selection_auroc(folder, ["kind_a"])
-        trials.append({"setting": name, "auroc": auroc})
+        trials.append({"setting": name, "score": auroc})
         assert set(used) == {i for i, label, g in rows if label == 0 or g == "kind_a"} and seen == ["kind_a"]
-    assert trials[pick(trials)]["setting"] == "good_a" and trials[0]["auroc"] == 1.0
-    assert pick([{"auroc": 0.7}, {"auroc": 0.7}]) == 0  # ties: the space's first (the default's place)
+    assert trials[pick(trials)]["setting"] == "good_a" and trials[0]["score"] == 1.0
+    assert pick([{"score": 0.7}, {"score": 0.7}]) == 0  # ties: the space's first (the default's place)
 
 
 def test_anomaly_budget_draws_only_choosing_anomalies_and_more_of_them_find_the_best(tmp_path):
@@ -63,3 +63,19 @@ def test_a_setting_is_one_value_per_key():
     assert parse_setting(["score_smoothing=0", "normal_baseline=null"]) == {"score_smoothing": 0, "normal_baseline": None}
     with pytest.raises(ValueError, match="one value per key"):
         parse_setting(["score_smoothing=0,2"])
+
+
+def test_pixel_ap_chooses_from_the_metrics_of_the_choosing_groups(tmp_path):
+    import json
+
+    from trainers.posthoc import selection_pixel_ap
+
+    folder = tmp_path / "trial"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"overall": {"pixel_ap": 0.5}, "groups": {
+        "kind_a": {"pixel_ap": 0.8}, "kind_b": {"pixel_ap": 0.2}, "kind_c": {"pixel_ap": 0.4}}}))
+    assert selection_pixel_ap(folder, None) == 0.5
+    assert selection_pixel_ap(folder, ["kind_a", "kind_c"]) == pytest.approx(0.6)
+    (folder / "metrics.json").write_text(json.dumps({"overall": {"image_auroc": 0.7}, "groups": {}}))
+    with pytest.raises(ValueError, match="no pixel AP"):
+        selection_pixel_ap(folder, None)
