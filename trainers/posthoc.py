@@ -113,9 +113,11 @@ def selection_pixel_ap(folder: Path, groups: list[str] | None) -> float:
 
 
 def pick(trials: list[dict]) -> int:
-    """The trial with the highest ``score`` (the objective on the choosing items); ties go to the earlier
-    (the space's first values)."""
-    return max(range(len(trials)), key=lambda i: (trials[i]["score"], -i))
+    """The trial with the highest ``score`` (the objective on the choosing items); ties go to the higher
+    ``image_auroc`` where trials have one, then to the earlier (the space's first values). Pixel AP ties
+    whenever a setting leaves the maps alone (a normal baseline, a volume top fraction), and the first of
+    those is no better than chance at being the right one."""
+    return max(range(len(trials)), key=lambda i: (trials[i]["score"], trials[i].get("image_auroc", 0.0), -i))
 
 
 def _apply(setting: dict) -> list[str]:

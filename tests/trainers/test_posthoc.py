@@ -79,3 +79,13 @@ def test_pixel_ap_chooses_from_the_metrics_of_the_choosing_groups(tmp_path):
     (folder / "metrics.json").write_text(json.dumps({"overall": {"image_auroc": 0.7}, "groups": {}}))
     with pytest.raises(ValueError, match="no pixel AP"):
         selection_pixel_ap(folder, None)
+
+
+def test_a_tie_in_the_objective_goes_to_the_better_image_auroc_then_to_the_earlier():
+    from trainers.posthoc import pick
+
+    # pixel AP ties across settings that leave the maps alone (a normal baseline, a top fraction)
+    trials = [{"score": 0.68, "image_auroc": 0.94}, {"score": 0.68, "image_auroc": 0.95},
+              {"score": 0.65, "image_auroc": 0.97}, {"score": 0.68, "image_auroc": 0.95}]
+    assert pick(trials) == 1
+    assert pick([{"score": 0.9}, {"score": 0.9}]) == 0
